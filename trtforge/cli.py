@@ -1,0 +1,138 @@
+"""The command line. Thin: parse, call the pipeline, map errors to exit codes.
+
+Exit codes: 0 passed, 1 a parity gate or a verification failed (reports are still written),
+2 bad input or environment, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from trtforge import __version__
+from trtforge.errors import TrtforgeError
+
+DEFAULT_OUT = Path("engines")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place that turns trtforge errors into one line and an exit code."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = kwargs.get("verbose", False)
+        try:
+            return fn(*args, **kwargs)
+        except TrtforgeError as e:
+            if verbose:
+                traceback.print_exc()
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; the published artifact is unchanged (partial work was discarded)", 130)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("-v", "--verbose", is_flag=True, help="More detail, and tracebacks on errors.")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json output).")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trtforge")
+def main() -> None:
+    """Build validated FP16 ONNX and GPU engines from Hugging Face models.
+
+    \b
+    trtforge build recipes/minilm.toml     export, validate, FP16, engines, manifest
+    trtforge inspect engines/minilm        summarise an artifact and verify its hashes
+
+    Exit codes: 0 passed, 1 parity gate or verification failed, 2 bad input or environment.
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_OUT,
+              show_default=True, help="Output root; the artifact goes to OUT/<model.name>/.")
+@click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@_common
+@guarded
+def build(recipe: Path, out_dir: Path, force: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Build the artifact described by RECIPE (a TOML file; see README.md).
+
+    Stages are cached: an unchanged recipe does nothing, a changed tolerance re-runs only validation.
+    """
+    from trtforge.pipeline import Build
+    from trtforge.progress import Progress
+    from trtforge.recipe import load_recipe
+
+    if not verbose:  # transformers' per-weight loading bar says nothing a stage line does not
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parsed = load_recipe(recipe)
+    command = ["trtforge", "build", str(recipe), "--out", str(out_dir)]
+    result = Build(parsed, out_dir, force=force, progress=Progress(quiet=quiet, verbose=verbose),
+                   command=command).run()
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2, default=str))
+    sys.exit(0 if result.passed else 1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the verification as JSON.")
+@_common
+@guarded
+def inspect(artifact: Path, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Summarise ARTIFACT (OUT/<name>) and verify every file's sha256 against its manifest."""
+    from trtforge.store import read_manifest, verify_files
+
+    manifest = read_manifest(artifact)
+    problems = verify_files(artifact, manifest)
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "problems": problems}, indent=2, default=str))
+    elif not quiet:
+        click.echo(_summary(artifact, manifest, problems))
+    if problems:
+        _fail(f"{artifact}: {len(problems)} file(s) fail verification: {problems[0]}; "
+              f"rebuild with `{manifest.get('reproduce', 'trtforge build RECIPE')} --force`", 1)
+
+
+def _summary(artifact: Path, manifest: dict[str, Any], problems: list[str]) -> str:
+    parity = manifest["parity"]
+    lines = [
+        f"{manifest['name']}  ({artifact})",
+        f"  model     {manifest['model']['source']}  [{manifest['model']['task']}]",
+        f"  built     {manifest['created']} with trtforge {manifest['versions'].get('trtforge')}, "
+        f"torch {manifest['versions'].get('torch')}, onnxruntime {manifest['versions'].get('onnxruntime')}",
+        f"  shapes    " + ", ".join(f"{k} {v}" for k, v in manifest["shapes"].items()),
+        f"  inputs    " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("inputs", [])),
+        f"  outputs   " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("outputs", [])),
+        f"  stages    " + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()),
+        f"  parity    {'PASSED' if parity['passed'] else 'FAILED'}: "
+        + ", ".join(f"{r['stage']} {'pass' if r['passed'] else ('FAIL' if r['checked'] else 'not checked')}"
+                    for r in parity["results"]),
+    ]
+    if manifest.get("fp16"):
+        lines.append(f"  fp16      kept in FP32: ops {manifest['fp16']['kept_ops']}, "
+                     f"{len(manifest['fp16']['kept_nodes'])} nodes")
+    for engine in manifest.get("engines", []):
+        lines.append(f"  engine    {engine['backend']}/{engine['target']}: {engine['status']}")
+    lines.append(f"  files     {len(manifest['files'])} files, "
+                 + ("all sha256 verified" if not problems else f"{len(problems)} FAILED verification"))
+    lines.extend(f"    ! {p}" for p in problems)
+    lines.append(f"  reproduce {manifest['reproduce']}")
+    return "\n".join(lines)

