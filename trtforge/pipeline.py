@@ -109,7 +109,7 @@ class Build:
 
         with self.progress.stage("reference", "PyTorch FP32 at the min, opt and max shapes") as outcome:
             feeds = profile_feeds(self.loaded, self.recipe.shapes, seed=self.recipe.validate.seed)
-            reference = Reference(self.loaded, feeds)
+            reference = Reference.from_model(self.loaded, feeds)
             outcome["summary"] = ", ".join(f"{k} {tuple(next(iter(f.values())).shape)}" for k, f in feeds.items())
         return reference
 

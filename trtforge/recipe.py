@@ -153,14 +153,17 @@ class _Section:
                               f"write it as a [{name}] section")
         self.path, self.name, self.table, self.used = path, name, table, set()
 
+    def qualified(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
     def error(self, key: str, problem: str, fix: str) -> RecipeError:
-        return RecipeError(self.path, f"{self.name}.{key}" if key else self.name, problem, fix)
+        return RecipeError(self.path, self.qualified(key) if key else self.name, problem, fix)
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, hint: str = "") -> Any:
         self.used.add(key)
         if key not in self.table:
             if default is ...:
-                raise self.error(key, "missing required key", hint or f"add `{key} = ...` to [{self.name}]")
+                raise self.error(key, "missing required key", hint or f"add `{key} = ...` to [{self.name or 'the recipe'}]")
             return default
         value = self.table[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -178,7 +181,7 @@ class _Section:
         self.used.add(key)
         if key not in self.table:
             return None
-        return _Section(self.path, f"{self.name}.{key}", self.table[key])
+        return _Section(self.path, self.qualified(key), self.table[key])
 
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
@@ -339,7 +342,6 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         raise RecipeError(path, None, "not a UTF-8 text file", "save the recipe as UTF-8 TOML") from None
 
     root = _Section(path, "", raw)
-    root.name = "recipe"
     model_section = root.sub("model")
     if model_section is None:
         raise RecipeError(path, "model", "missing section", "add a [model] section with name, source and task")

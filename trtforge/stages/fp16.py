@@ -62,6 +62,7 @@ def convert(fp32: Path, out: Path, *, keep_ops: tuple[str, ...], keep_nodes: lis
         raise FP16Error(f"FP16 conversion of {fp32.name} failed: {e}; "
                         "set [fp16] enabled = false to skip it, or keep the failing ops in keep_fp32_ops") from e
     _clamp_constants(fp16)
+    _fold_round_trip_casts(fp16)
     large = fp16.ByteSize() > (1 << 30)
     onnx.save_model(fp16, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
     return out
@@ -85,6 +86,41 @@ def _clamp_constants(model: Any) -> None:
         for attr in node.attribute:
             if attr.HasField("t"):
                 clamp(attr.t)
+
+
+def _fold_round_trip_casts(model: Any) -> None:
+    """Between two nodes kept in FP32 the converter casts to FP16 and straight back, which loses the
+    very range they were kept for. Wire such consumers to the FP32 tensor and drop the dead casts."""
+    from collections import defaultdict
+
+    from onnx import TensorProto
+
+    def cast_to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            consumers[name].append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    dropped: set[int] = set()
+    for down in (n for n in nodes if cast_to(n) == TensorProto.FLOAT16 and n.name.endswith("_cast_to_fp16_node")):
+        source, narrowed = down.input[0], down.output[0]
+        for up in [c for c in consumers[narrowed] if cast_to(c) == TensorProto.FLOAT]:
+            if up.output[0] in graph_outputs:
+                continue
+            for user in consumers[up.output[0]]:
+                user.input[:] = [source if name == up.output[0] else name for name in user.input]
+                consumers[source].append(user)
+            consumers[narrowed].remove(up)
+            dropped.add(id(up))
+        if not consumers[narrowed] and narrowed not in graph_outputs:
+            dropped.add(id(down))
+    if dropped:
+        kept = [n for n in nodes if id(n) not in dropped]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def make_fp16(fp32: Path, out: Path, reference: Reference, spec: FP16Spec) -> FP16Result:

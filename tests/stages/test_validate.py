@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests.conftest import tiny_recipe_text
+from trtforge.compare import compare, function_runner
+from trtforge.models import load_model
+from trtforge.recipe import Tolerance, load_recipe
+from trtforge.stages.export import export_onnx
+from trtforge.stages.validate import Reference, profile_feeds, validate_onnx
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert")
+    (tmp / "r.toml").write_text(tiny_recipe_text("bert"))
+    recipe = load_recipe(tmp / "r.toml")
+    loaded = load_model(recipe.model)
+    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp / "model.onnx")
+    reference = Reference.from_model(loaded, profile_feeds(loaded, recipe.shapes, seed=0))
+    return recipe, loaded, path, reference
+
+
+def test_exported_graph_passes_at_min_opt_max(tiny_bert):
+    recipe, _, path, reference = tiny_bert
+    result = validate_onnx(path, reference, tolerance=recipe.validate.tolerance, name="onnx-fp32")
+    assert result.passed
+    assert [o.shape_label for o in result.outputs] == ["min", "opt", "max"]
+    for row in result.outputs:
+        assert row.max_abs < 1e-4 and row.cosine > 0.99999 and row.nonfinite == 0
+    # Per-token outputs are compared at unpadded positions only: the max feed (4 x 32) is padded.
+    mask = reference.feeds["max"]["attention_mask"]
+    assert result.outputs[2].shape == (int(mask.sum()), 32) and mask.sum() < mask.size
+
+
+def test_perturbed_weights_breach_the_gate(tiny_bert, tmp_path):
+    _, _, path, reference = tiny_bert
+    model = onnx.load(str(path))
+    biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.05, biggest.name))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    result = validate_onnx(tmp_path / "bad.onnx", reference, tolerance=Tolerance(atol=1e-4, rtol=1e-3), name="bad")
+    assert not result.passed
+    assert any("exceeds atol" in f for row in result.outputs for f in row.failures)
+
+
+def _runner(name, fn):
+    return function_runner(name, fn, {"x": ("float32", (None, None))})
+
+
+def _ref(feed):
+    return {"logits": feed["x"] * 2.0}
+
+
+def test_nan_and_argmax_disagreement_are_caught():
+    feeds = {"opt": {"x": np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)}}
+    reference = _runner("ref", _ref)
+    nan = _runner("nan", lambda f: {"logits": np.where(f["x"] > 0.5, np.nan, f["x"] * 2.0).astype(np.float32)})
+    flipped = _runner("flipped", lambda f: {"logits": -f["x"] * 2.0})
+    close = _runner("close", lambda f: {"logits": f["x"] * 2.0 + 1e-6})
+    tol = Tolerance(atol=1e-3, rtol=1e-3, min_argmax_agreement=0.9)
+    results = {r.candidate: r for r in compare(reference, [nan, flipped, close], feeds, tolerance=tol,
+                                               logits=("logits",))}
+    assert not results["nan"].passed and "NaN/Inf" in results["nan"].outputs[0].failures[0]
+    assert not results["flipped"].passed
+    assert any("argmax agreement" in f for f in results["flipped"].outputs[0].failures)
+    assert results["flipped"].outputs[0].argmax_agreement < 0.5
+    assert results["close"].passed and results["close"].outputs[0].argmax_agreement == 1.0
+
+
+def test_per_output_tolerance_overrides_the_default():
+    feeds = {"opt": {"x": np.ones((2, 3), np.float32)}}
+    off = _runner("off", lambda f: {"logits": f["x"] * 2.0 + 0.01})
+    strict = Tolerance(atol=1e-3, rtol=1e-4)
+    loose = Tolerance(atol=1e-3, rtol=1e-4, outputs={"logits": (0.02, 0.0)})
+    assert not compare(_runner("ref", _ref), [off], feeds, tolerance=strict)[0].passed
+    assert compare(_runner("ref", _ref), [off], feeds, tolerance=loose)[0].passed
