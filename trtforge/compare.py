@@ -52,10 +52,11 @@ class ParityResult:
     checked: bool = True
     note: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.checked and all(o.passed for o in self.outputs)
+        return self.checked and not self.error and all(o.passed for o in self.outputs)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,7 +71,7 @@ class ParityResult:
                                      for k, v in row.items() if k != "passed"}) for row in data["outputs"])
         return cls(candidate=data["candidate"], reference=data["reference"], outputs=rows,
                    checked=data.get("checked", True), note=data.get("note", ""),
-                   timings_ms=data.get("timings_ms", {}))
+                   timings_ms=data.get("timings_ms", {}), error=data.get("error", ""))
 
 
 def function_runner(name: str, fn: InferFn, inputs: Mapping[str, tuple[str, tuple[int | None, ...]]]) -> Any:

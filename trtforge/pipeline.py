@@ -24,6 +24,10 @@ from trtforge.models import LoadedModel, source_fingerprint
 from trtforge.progress import Progress
 from trtforge.recipe import Recipe
 from trtforge.report import REPORT_FILES, parity_section, render_reports
+from trtforge.stages.engines import Planned, choose_defaults
+from trtforge.stages.engines import entry as entry_for
+from trtforge.stages.engines import plan as plan_engines
+from trtforge.stages.engines import run_workers as run_engine_workers
 from trtforge.store import RESULT, SCHEMA, StageCache, key_of, publish, read_manifest, write_json_atomic
 
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
@@ -62,6 +66,8 @@ class Build:
         self.cache = StageCache(out_dir, recipe.model.name)
         self.command = command or ["trtforge", "build", str(recipe.path), "--out", str(out_dir)]
         self.stage_records: dict[str, dict[str, Any]] = {}
+        self.engine_entries: list[dict[str, Any]] = []
+        self.skipped_backends: list[dict[str, Any]] = []
         self.used_entries: set[str] = set()
 
     # --- what determines each stage ------------------------------------------------------------------
@@ -90,8 +96,15 @@ class Build:
         return keys
 
     @cached_property
+    def engine_plan(self) -> tuple[list[Planned], list[dict[str, Any]]]:
+        if not self.recipe.fp16.enabled:
+            return [], [{"backend": "all", "status": "skipped", "reason": "engines need [fp16] enabled = true"}]
+        return plan_engines(self)
+
+    @cached_property
     def build_key(self) -> str:
-        return key_of(self.keys, self.recipe.hash)
+        planned, skipped = self.engine_plan
+        return key_of(self.keys, [p.key for p in planned], skipped, self.recipe.hash)
 
     # --- lazily loaded heavy state ---------------------------------------------------------------------
     @cached_property
@@ -183,6 +196,52 @@ class Build:
             files.update(_files(fp16_dir))
             parity.append(("fp16", ParityResult.from_dict(fp16["parity"])))
             self.fp16_result = fp16
+            engine_files, engine_parity = self._run_engines(fp32, fp16_dir / "model.fp16.onnx")
+            files.update(engine_files)
+            parity.extend(engine_parity)
+        return files, parity
+
+    def _run_engines(self, fp32: Path, fp16: Path) -> tuple[dict[str, Path], list[tuple[str, ParityResult]]]:
+        planned, self.skipped_backends = self.engine_plan
+        for skipped in self.skipped_backends:
+            self.progress.line(f"  {'engines':<10} skipped: {skipped['reason']}")
+        results: dict[str, dict[str, Any]] = {}
+        todo = []
+        for p in planned:
+            self.used_entries.add(self.cache.path(p.stage, p.key).name)
+            cached = None if self.force else self.cache.lookup(p.stage, p.key)
+            if cached is not None:
+                results[p.stage] = cached
+                self.progress.cached("engine", f"{p.relative_dir}: {cached['status']}")
+            else:
+                todo.append(p)
+        if todo:
+            names = ", ".join(p.relative_dir for p in todo)
+            with self.progress.stage("engines", f"building {names} (one process each)") as outcome:
+                jobs = [(p, self.cache.scratch(p.stage, p.key)) for p in todo]
+                fresh = run_engine_workers(self, jobs, fp32, fp16)
+                for p, scratch in jobs:
+                    result = fresh[p.stage]
+                    result["status"] = entry_for(self, p, result)[0]["status"]
+                    if "error" in result:  # not cached: a failed build is retried next time
+                        results[p.stage] = result
+                        continue
+                    write_json_atomic(scratch / RESULT, result)
+                    results[p.stage] = result
+                    self.cache.commit(p.stage, p.key, scratch)
+                outcome["summary"] = ", ".join(f"{p.relative_dir} {results[p.stage]['status']}" for p in todo)
+        files: dict[str, Path] = {}
+        parity = []
+        for p in planned:
+            entry, result_parity = entry_for(self, p, results[p.stage])
+            self.engine_entries.append(entry)
+            self.stage_records[p.stage] = {"status": entry["status"], "key": p.key,
+                                           "duration_s": entry["build"].get("build_seconds"), "cached": p not in todo}
+            parity.append((f"engine {p.relative_dir}", result_parity))
+            cache_dir = self.cache.path(p.stage, p.key)
+            if cache_dir.is_dir():
+                files.update({f"{p.relative_dir}/{f.name}": f for f in sorted(cache_dir.iterdir())
+                              if f.is_file() and f.name not in (RESULT, "job.json")})
         return files, parity
 
     def _package(self, files: dict[str, Path], parity_results: list[tuple[str, ParityResult]]) -> dict[str, Any]:
@@ -207,20 +266,27 @@ class Build:
             "recipe": {"path": str(self.recipe.path), "sha256": self.recipe.hash, "content": self.recipe.raw},
             "model": {"source": self.recipe.model.source, "task": self.recipe.model.task,
                       "architecture": self.recipe.model.architecture, "fingerprint": self.fingerprint,
-                      "class": self._export_result().get("model_class")},
+                      "class": self.export_result().get("model_class")},
             "versions": self.versions,
             "host": {"platform": platform.platform(), "python": sys.version.split()[0]},
-            "io": self._export_result().get("io", {}),
+            "io": self.export_result().get("io", {}),
             "shapes": {"batch": list(self.recipe.shapes.batch),
                        self.recipe.shapes.extent_name: list(self.recipe.shapes.extent)},
             "stages": self.stage_records,
             "fp16": ({"kept_ops": fp16["kept_ops"], "kept_nodes": fp16["kept_nodes"], "rounds": fp16["rounds"]}
                      if fp16 else None),
             "parity": parity,
-            "reproduce": shlex.join(self.command),
+            "engines": self.engine_entries,
+            "defaults": choose_defaults(self.engine_entries),
+            "skipped_backends": self.skipped_backends,
+            "reproduce": self.reproduce,
         }
 
-    def _export_result(self) -> dict[str, Any]:
+    @property
+    def reproduce(self) -> str:
+        return shlex.join(self.command)
+
+    def export_result(self) -> dict[str, Any]:
         return self.cache.lookup("export", self.keys["export"]) or {}
 
 

@@ -82,25 +82,35 @@ class StageCache:
         result = self.path(stage, key) / RESULT
         return json.loads(result.read_text()) if result.is_file() else None
 
+    def scratch(self, stage: str, key: str) -> Path:
+        """A new temporary directory for a stage's outputs (removed by the next build if abandoned)."""
+        tmp = self.root / f"{TMP_PREFIX}{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, stage: str, key: str, scratch: Path) -> Path:
+        """Make a completed scratch directory the stage's cache entry, atomically."""
+        final = self.path(stage, key)
+        if final.exists():  # forced rebuild: replace the old entry
+            shutil.rmtree(final)
+        os.rename(scratch, final)
+        return final
+
     @contextlib.contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
         """A scratch directory that becomes the stage's cache entry only if the block completes."""
-        tmp = self.root / f"{TMP_PREFIX}{stage}-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        tmp = self.scratch(stage, key)
         try:
             yield tmp
-            final = self.path(stage, key)
-            if final.exists():  # forced rebuild: replace the old entry
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            self.commit(stage, key, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def prune(self, keep: set[str]) -> None:
         """Drop cache entries that the current build no longer uses."""
         for entry in self.root.iterdir():
-            if entry.is_dir() and entry.name not in keep and not entry.name.startswith(TMP_PREFIX):
-                shutil.rmtree(entry, ignore_errors=True)
+            if entry.name not in keep and not entry.name.startswith(TMP_PREFIX) and entry.name != "lock":
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
 
 
 def publish(out_dir: Path, name: str, files: dict[str, Path], texts: dict[str, str],

@@ -61,14 +61,14 @@ def convert(fp32: Path, out: Path, *, keep_ops: tuple[str, ...], keep_nodes: lis
     except Exception as e:
         raise FP16Error(f"FP16 conversion of {fp32.name} failed: {e}; "
                         "set [fp16] enabled = false to skip it, or keep the failing ops in keep_fp32_ops") from e
-    _clamp_constants(fp16)
+    clamp_constants(fp16)
     _fold_round_trip_casts(fp16)
     large = fp16.ByteSize() > (1 << 30)
     onnx.save_model(fp16, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
     return out
 
 
-def _clamp_constants(model: Any) -> None:
+def clamp_constants(model: Any) -> None:
     """Clamp FP16 constants and initializers that are +-inf (converted from float32 extremes)."""
     from onnx import TensorProto, numpy_helper
 

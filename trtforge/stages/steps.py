@@ -21,13 +21,25 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
     path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx")
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
+    config = loaded.model.config
     return {
+        "model_type": config.model_type,
+        "num_heads": getattr(config, "num_attention_heads", 0),
+        "hidden_size": getattr(config, "hidden_size", 0),
         "opset": build.recipe.export.opset,
         "model_class": type(loaded.model).__name__,
         "nodes": len(graph.node),
         "ops": dict(ops.most_common()),
-        "io": {"inputs": [asdict(t) for t in loaded.inputs], "outputs": [asdict(t) for t in loaded.outputs]},
+        "io": {"inputs": [_io(t, graph.input) for t in loaded.inputs],
+               "outputs": [_io(t, graph.output) for t in loaded.outputs]},
     }
+
+
+def _io(spec: Any, values: Any) -> dict[str, Any]:
+    """A tensor's declaration plus its shape in the graph: axis names where dynamic, sizes where static."""
+    value = next(v for v in values if v.name == spec.name)
+    shape = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    return {**asdict(spec), "shape": shape}
 
 
 def validate(build: Build, fp32: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the FP32 graph, the FP16 graph and every FP16 fallback round are judged against 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from trtforge.compare import Feed, ParityResult, compare, function_runner
 from trtforge.models import LoadedModel, make_inputs
 from trtforge.recipe import Shapes, Tolerance
-from trtforge.tasks import SEQUENCE
+from trtforge.tasks import SEQUENCE, TaskSpec
 
 PROFILE_LABELS = ("min", "opt", "max")
 REFERENCE = "pytorch-fp32"
@@ -52,13 +53,12 @@ class Reference:
     @classmethod
     def from_model(cls, loaded: LoadedModel, feeds: dict[str, Feed]) -> Reference:
         """PyTorch FP32 outputs of a loaded model."""
-        task = loaded.task
         return cls(feeds, {label: loaded.run_torch(feed) for label, feed in feeds.items()},
-                   signature=input_signature(loaded), logits=task.logits,
-                   padded_outputs=tuple(o.name for o in task.outputs if SEQUENCE in o.axes))
+                   signature=input_signature(loaded), **task_policy(loaded.task))
 
     def policy(self) -> dict[str, tuple[str, ...]]:
         return {"logits": self.logits, "padded_outputs": self.padded_outputs}
+
 
     def outputs_for(self, label: str) -> dict[str, np.ndarray]:
         return self.outputs[feed_key(self.feeds[label])]
@@ -67,8 +67,19 @@ class Reference:
         return function_runner(REFERENCE, lambda feed: self.outputs[feed_key(feed)], self.signature)
 
 
+def task_policy(task: TaskSpec) -> dict[str, tuple[str, ...]]:
+    """How `compare` treats a task's outputs: which are logits, which have padded positions."""
+    return {"logits": task.logits, "padded_outputs": tuple(o.name for o in task.outputs if SEQUENCE in o.axes)}
+
+
 def input_signature(loaded: LoadedModel) -> dict[str, tuple[str, tuple[int | None, ...]]]:
-    return {t.name: (t.dtype, tuple(None if axis else -1 for axis in t.axes)) for t in loaded.inputs}
+    return signature_of(loaded.inputs)
+
+
+def signature_of(inputs: Any) -> dict[str, tuple[str, tuple[int | None, ...]]]:
+    """Input name -> (dtype, shape of None per axis: any size), from TensorSpecs or manifest entries."""
+    entries = [t if isinstance(t, dict) else asdict(t) for t in inputs]
+    return {t["name"]: (t["dtype"], tuple(None for _ in t["axes"])) for t in entries}
 
 
 def onnxruntime_cpu_runner(path: Path, name: str) -> Any:

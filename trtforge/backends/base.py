@@ -1,0 +1,125 @@
+"""One small interface for every engine backend.
+
+A backend builds an engine artifact from the ONNX graphs for a target, and loads one onto a device
+as an object that runs a dict of named torch tensors (on that device) and returns a dict. Heavy
+imports (tensorrt, onnxruntime) stay inside each backend module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from trtforge.devices import GpuInfo
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an engine runs: a GPU model (built on that GPU), an offline compute capability, or the CPU."""
+
+    name: str  # directory name: a GPU model key, "sm89", "cuda", "cpu"
+    kind: str  # "gpu" (built and checked on a GPU of this model), "aot" (built offline), "portable"
+    compute_capabilities: tuple[str, ...] = ()
+    gpu: dict[str, Any] | None = None  # GpuInfo.as_dict() of the GPU that builds and checks it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def runs_on(self, device: GpuInfo | None) -> bool:
+        if self.kind == "portable":
+            return (self.name == "cpu") == (device is None)
+        if device is None:
+            return False
+        return device.compute_capability in self.compute_capabilities and (
+            self.kind == "aot" or self.gpu is None or self.gpu["model_key"] == device.model_key)
+
+
+@dataclass
+class BuildJob:
+    """Everything a backend needs to build one engine; JSON round-trips to the worker process."""
+
+    backend: str
+    target: dict[str, Any]
+    fp32_onnx: str
+    fp16_onnx: str
+    out_dir: str
+    inputs: list[dict[str, Any]]  # [{"name", "dtype", "axes"}]
+    outputs: list[dict[str, Any]]
+    shapes: dict[str, list[int]]  # axis name -> [min, opt, max]
+    options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""  # where timing caches persist across builds
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per input (min, opt, max) shapes from the recipe's ranges and the inputs' axes."""
+        result = {}
+        for spec in self.inputs:
+            dims = [[self.shapes[a][i] if isinstance(a, str) else a for a in spec["shape"]] for i in range(3)]
+            result[spec["name"]] = tuple(tuple(d) for d in dims)
+        return result
+
+
+class Engine(ABC):
+    """A loaded engine on one device: call it with named torch tensors on that device."""
+
+    backend: str
+    device: str
+
+    @abstractmethod
+    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def close(self) -> None:
+        """Release device memory held by the engine."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    name: str
+    module: str  # the Python module whose presence makes this backend available
+    distribution: str  # the pip package that provides it
+    engine_file: str
+
+    def missing(self) -> str | None:
+        """None when the library imports; else one line that says what to install."""
+        try:
+            importlib.import_module(self.module)
+        except ImportError as e:
+            return f"{self.name}: {self.module} is not installed ({e.name or e}); pip install {self.distribution}"
+        return None
+
+    def library_version(self) -> str:
+        try:
+            return metadata.version(self.distribution.split("[")[0].split("=")[0].split(">")[0])
+        except metadata.PackageNotFoundError:
+            return str(getattr(importlib.import_module(self.module), "__version__", "unknown"))
+
+    @abstractmethod
+    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...], wanted_gpus: Any) -> list[Target]: ...
+
+    @abstractmethod
+    def build(self, job: BuildJob, log: Any) -> dict[str, Any]:
+        """Write the engine into job.out_dir; return build metadata for the manifest."""
+
+    @abstractmethod
+    def load(self, engine_dir: Path, entry: dict[str, Any], device: str) -> Engine: ...
+
+
+def backend(name: str) -> Backend:
+    from trtforge.backends.onnxruntime import OnnxruntimeBackend
+    from trtforge.backends.tensorrt import TensorRTBackend
+
+    backends: dict[str, Backend] = {
+        "onnxruntime-cuda": OnnxruntimeBackend(provider="cuda"),
+        "onnxruntime-cpu": OnnxruntimeBackend(provider="cpu"),
+        "tensorrt": TensorRTBackend(module="tensorrt"),
+        "tensorrt-rtx": TensorRTBackend(module="tensorrt_rtx"),
+    }
+    return backends[name]

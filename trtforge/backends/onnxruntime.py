@@ -1,0 +1,238 @@
+"""ONNX Runtime engines: CUDA (FP16, fused, I/O bound to torch tensors, CUDA graphs for fixed shapes)
+and CPU (the validated FP16 graph as it is; it lets the runtime's logic be tested without a GPU).
+
+The CUDA engine starts from the FP32 graph: ONNX Runtime's transformer optimizer fuses attention,
+SkipLayerNorm, BiasGelu and the embedding on FP32 patterns (told the head count and hidden size,
+which it cannot infer from this export), then converts to FP16 with I/O types kept, as ONNX
+Runtime's own FP16 flow does. The engine is checked against PyTorch FP32 like every other.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from trtforge.backends.base import Backend, BuildJob, Engine, Target
+from trtforge.devices import GpuInfo, distinct_models
+from trtforge.errors import EnvironmentProblem
+
+# ONNX Runtime's optimizer knows these model types; architectures not listed use "bert" fusions.
+OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
+NUMPY_DTYPE = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16"}
+
+
+class OnnxruntimeBackend(Backend):
+    engine_file = "model.onnx"
+    module = "onnxruntime"
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.name = f"onnxruntime-{provider}"
+        self.distribution = "onnxruntime-gpu" if provider == "cuda" else "onnxruntime"
+
+    def missing(self) -> str | None:
+        reason = super().missing()
+        if reason or self.provider == "cpu":
+            return reason
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return (f"{self.name}: this onnxruntime has no CUDA execution provider; "
+                    "pip uninstall onnxruntime && pip install onnxruntime-gpu")
+        return None
+
+    def library_version(self) -> str:
+        import onnxruntime as ort
+
+        return ort.__version__
+
+    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...], wanted_gpus: Any) -> list[Target]:
+        if self.provider == "cpu":
+            return [Target(name="cpu", kind="portable")]
+        # The graph itself suits any NVIDIA GPU, but each distinct GPU model gets its own, checked
+        # and timed on that model, like every other backend.
+        return [Target(name=key, kind="gpu", compute_capabilities=(group[0].compute_capability,),
+                       gpu=group[0].as_dict()) for key, group in distinct_models(gpus).items()]
+
+    def build(self, job: BuildJob, log: Any) -> dict[str, Any]:
+        out = Path(job.out_dir) / self.engine_file
+        if self.provider == "cpu":
+            shutil.copyfile(job.fp16_onnx, out)
+            return {"graph": "the validated FP16 ONNX, unfused"}
+        return fuse_and_convert(job, out, log)
+
+    def load(self, engine_dir: Path, entry: dict[str, Any], device: str) -> Engine:
+        return OnnxruntimeEngine(engine_dir / self.engine_file, device=device, outputs=entry["io"]["outputs"],
+                                 cuda_graph=bool(entry.get("options", {}).get("cuda_graph", False)))
+
+
+def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from trtforge.stages.fp16 import clamp_constants
+
+    options = job.options
+    model_type = OPTIMIZER_MODEL_TYPE.get(options.get("architecture") or "", "bert")
+    optimized = optimize_model(job.fp32_onnx, model_type=model_type, num_heads=int(options.get("num_heads", 0)),
+                               hidden_size=int(options.get("hidden_size", 0)), opt_level=0, use_gpu=True,
+                               only_onnxruntime=False)
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    optimized.convert_float_to_float16(keep_io_types=True, op_block_list=list(options.get("keep_fp32_ops", [])))
+    clamp_constants(optimized.model)
+    optimized.save_model_to_file(str(out))
+    print(f"fused operators: {fused}", file=log)
+    return {"graph": f"ONNX Runtime transformer optimizer ({model_type}) on FP32, then FP16", "fused": fused}
+
+
+def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...]] | None = None,
+             cuda_graph: bool = False, stream: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if device == "cpu":
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's wheels carry
+    cuda = {"device_id": int(device.split(":")[1]) if ":" in device else 0}
+    if stream is not None:
+        cuda["user_compute_stream"] = str(stream)
+    if cuda_graph:
+        cuda["enable_cuda_graph"] = "1"
+    source: Any = str(path)
+    if static_shapes:
+        source = _with_static_shapes(path, static_shapes)
+    return ort.InferenceSession(source, options, providers=[("CUDAExecutionProvider", cuda)])
+
+
+def _with_static_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """The graph with fixed input shapes: ONNX Runtime then folds the shape arithmetic, which would
+    otherwise run on the CPU and prevent CUDA graph capture."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        if value.name in shapes:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
+    return model.SerializeToString()
+
+
+class OnnxruntimeEngine(Engine):
+    def __init__(self, path: Path, *, device: str, outputs: list[dict[str, Any]], cuda_graph: bool) -> None:
+        self.path, self.device, self.outputs = path, device, outputs
+        self.backend = "onnxruntime-cpu" if device == "cpu" else "onnxruntime-cuda"
+        self.cuda_graph = cuda_graph and device != "cpu"
+        self.graphs: dict[tuple, Any] = {}
+        self.graph_failures: dict[tuple, str] = {}
+        if device == "cpu":
+            self.session = _session(path, device="cpu")
+        else:
+            import torch
+
+            self.torch_device = torch.device(device)
+            with torch.cuda.device(self.torch_device):
+                self.stream = torch.cuda.Stream(self.torch_device)
+            self.session = _session(path, device=device, stream=self.stream.cuda_stream)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def output_shape(self, spec: dict[str, Any], sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])
+
+    def _axis_sizes(self, feed: Mapping[str, Any]) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for value in self.session.get_inputs():
+            for dim, size in zip(value.shape, feed[value.name].shape):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+        return sizes
+
+    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        if self.device == "cpu":
+            arrays = {n: feed[n].detach().cpu().numpy() if hasattr(feed[n], "detach") else feed[n]
+                      for n in self.input_names}
+            return {o["name"]: torch.from_numpy(v) for o, v in zip(self.outputs, self.session.run(None, arrays))}
+        key = tuple(tuple(feed[n].shape) for n in self.input_names)
+        if self.cuda_graph and key not in self.graph_failures:
+            graph = self.graphs.get(key) or self._capture(key, feed)
+            if graph is not None:
+                return graph.run(feed)
+        return self._run(self.session, feed, self._bind_outputs(feed))
+
+    def _bind_outputs(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        sizes = self._axis_sizes(feed)
+        return {o["name"]: torch.empty(self.output_shape(o, sizes), dtype=getattr(torch, o["dtype"]),
+                                       device=self.torch_device) for o in self.outputs}
+
+    def _run(self, session: Any, feed: Mapping[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        binding = session.io_binding()
+        inputs = {}
+        for name in self.input_names:
+            tensor = feed[name].to(self.torch_device).contiguous()
+            inputs[name] = tensor
+            _bind(binding.bind_input, name, tensor, self.torch_device)
+        for name, tensor in outputs.items():
+            _bind(binding.bind_output, name, tensor, self.torch_device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.torch_device))
+        session.run_with_iobinding(binding)
+        torch.cuda.current_stream(self.torch_device).wait_stream(self.stream)
+        return outputs
+
+    def _capture(self, key: tuple, feed: Mapping[str, Any]) -> Any:
+        try:
+            graph = _CudaGraph(self, dict(zip(self.input_names, key)), feed)
+        except Exception as e:  # ONNX Runtime refuses capture for graphs with CPU nodes; stay dynamic
+            self.graph_failures[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return None
+        self.graphs[key] = graph
+        return graph
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.session = None
+
+
+class _CudaGraph:
+    """A session for one fixed shape, captured into a CUDA graph on first run; inputs and outputs live
+    in static buffers that each call copies into and out of."""
+
+    def __init__(self, engine: OnnxruntimeEngine, shapes: dict[str, tuple[int, ...]], feed: Mapping[str, Any]) -> None:
+        self.engine = engine
+        self.session = _session(engine.path, device=engine.device, static_shapes=shapes, cuda_graph=True,
+                                stream=engine.stream.cuda_stream)
+        self.inputs = {n: feed[n].to(engine.torch_device).clone().contiguous() for n in engine.input_names}
+        self.outputs = engine._bind_outputs(feed)
+        self.binding = self.session.io_binding()
+        for name, tensor in self.inputs.items():
+            _bind(self.binding.bind_input, name, tensor, engine.torch_device)
+        for name, tensor in self.outputs.items():
+            _bind(self.binding.bind_output, name, tensor, engine.torch_device)
+        self._replay()  # the first run captures the graph
+
+    def _replay(self) -> None:
+        import torch
+
+        device = self.engine.torch_device
+        self.engine.stream.wait_stream(torch.cuda.current_stream(device))
+        self.session.run_with_iobinding(self.binding)
+        torch.cuda.current_stream(device).wait_stream(self.engine.stream)
+
+    def run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        for name, buffer in self.inputs.items():
+            buffer.copy_(feed[name], non_blocking=True)
+        self._replay()
+        return {name: tensor.clone() for name, tensor in self.outputs.items()}
+
+
+def _bind(bind: Any, name: str, tensor: Any, device: Any) -> None:
+    import numpy as np
+
+    bind(name, "cuda", device.index or 0, np.dtype(str(tensor.dtype).removeprefix("torch.")), tuple(tensor.shape),
+         tensor.data_ptr())

@@ -1,0 +1,114 @@
+"""Builds, checks and times one engine in a process of its own (pinned to its GPU by the parent
+through CUDA_VISIBLE_DEVICES), so that a crashing library cannot take the build down and builds for
+different GPUs run in parallel.
+
+    python -m trtforge.backends.worker JOB.json    -> writes result.json beside the engine
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.backends.base import BuildJob, backend
+from trtforge.compare import compare, function_runner
+from trtforge.recipe import Tolerance
+
+
+def save_reference(path: Path, reference: Any) -> None:
+    arrays = {}
+    for label, feed in reference.feeds.items():
+        arrays.update({f"feed/{label}/{k}": v for k, v in feed.items()})
+        arrays.update({f"out/{label}/{k}": v for k, v in reference.outputs_for(label).items()})
+    np.savez(path, **arrays)
+
+
+def load_reference(path: Path, signature: dict[str, Any], policy: dict[str, Any]) -> Any:
+    from trtforge.stages.validate import Reference
+
+    data = np.load(path)
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for key in data.files:
+        kind, label, name = key.split("/", 2)
+        (feeds if kind == "feed" else outputs).setdefault(label, {})[name] = data[key]
+    return Reference(feeds, outputs, signature={k: (v[0], tuple(v[1])) for k, v in signature.items()},
+                     logits=tuple(policy["logits"]), padded_outputs=tuple(policy["padded_outputs"]))
+
+
+def check(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Parity against the FP32 reference at min/opt/max, and latency at the opt shape."""
+    import torch
+
+    reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
+    device = engine.device
+
+    def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = engine({k: torch.from_numpy(v).to(device) for k, v in feed.items()})
+        return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+    tolerance = Tolerance(**{**spec["tolerance"], "outputs": {k: tuple(v) for k, v in spec["tolerance"]["outputs"].items()}})
+    [parity] = compare(reference.runner(), [function_runner(name, infer, reference.signature)], reference.feeds,
+                       tolerance=tolerance, **reference.policy())
+    return {"parity": parity.as_dict(), "latency_ms": latency(engine, reference.feeds["opt"], device)}
+
+
+def latency(engine: Any, feed: dict[str, np.ndarray], device: str, runs: int = 50) -> dict[str, float]:
+    import torch
+
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+    for _ in range(5):
+        engine(inputs)
+    times = []
+    for _ in range(runs):
+        if device == "cpu":
+            start = time.perf_counter()
+            engine(inputs)
+            times.append(1e3 * (time.perf_counter() - start))
+        else:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            engine(inputs)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+    shape = {k: list(v.shape) for k, v in feed.items()}
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4), "runs": runs, "shape": shape}
+
+
+def run(job_path: Path) -> dict[str, Any]:
+    spec = json.loads(job_path.read_text())
+    job = BuildJob(**spec["job"])
+    out = Path(job.out_dir)
+    engine_backend = backend(job.backend)
+    result: dict[str, Any] = {"library_version": engine_backend.library_version()}
+    with (out / "build.log").open("w") as log:
+        result["build"] = engine_backend.build(job, log)
+    if spec.get("check"):
+        device = "cpu" if job.target["name"] == "cpu" else "cuda:0"  # the parent pinned our GPU
+        entry = {"io": {"outputs": job.outputs}, "options": job.options}
+        with engine_backend.load(out, entry, device) as engine:
+            result.update(check(engine, f"{job.backend}/{job.target['name']}", spec))
+            result["cuda_graph_failures"] = {str(k): v for k, v in getattr(engine, "graph_failures", {}).items()}
+    return result
+
+
+def main() -> None:
+    job_path = Path(sys.argv[1])
+    try:
+        result = run(job_path)
+    except Exception as e:  # the parent reports it as this engine's failure
+        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
+                  "traceback": traceback.format_exc()}
+    (job_path.parent / "result.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Stage 4: FP16 engines per target, each built, checked and timed in a worker process of its own.
+
+Targets: every distinct GPU model present (TensorRT, onnxruntime-cuda), offline compute capabilities
+(TensorRT-RTX), the CPU (onnxruntime-cpu). Workers for different targets run in parallel, each
+pinned to its GPU. Engines that cannot run here (TensorRT-RTX plans for RTX GPUs on a machine
+without one) are recorded as built, not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trtforge.backends.base import BuildJob, Target, backend
+from trtforge.compare import ParityResult
+from trtforge.store import key_of, write_json_atomic
+from trtforge.tasks import IMAGE, SEQUENCE
+
+if TYPE_CHECKING:
+    from trtforge.pipeline import Build
+
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "tensorrt-rtx")
+WORKER_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Planned:
+    backend: str
+    target: Target
+    key: str
+
+    @property
+    def stage(self) -> str:
+        return f"engine-{self.backend}-{self.target.name}"
+
+    @property
+    def relative_dir(self) -> str:
+        return f"engines/{self.backend}/{self.target.name}"
+
+
+def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
+    """The engines this recipe asks for on this machine, and the backends skipped (with the reason)."""
+    from trtforge.devices import list_gpus
+
+    spec = build.recipe.engines
+    if not spec.backends:
+        return [], []
+    gpus = list_gpus()
+    if spec.gpus != "all":
+        gpus = [g for g in gpus if g.index in spec.gpus]
+    names = AUTO_ORDER if spec.wants_auto else spec.backends
+    planned, skipped = [], []
+    for name in names:
+        engine_backend = backend(name)
+        needs_gpu = name in ("tensorrt", "onnxruntime-cuda")
+        reason = f"{name}: no NVIDIA GPU on this machine" if needs_gpu and not gpus else engine_backend.missing()
+        targets = [] if reason else engine_backend.targets(gpus=gpus, rtx_targets=spec.rtx_targets, wanted_gpus=spec.gpus)
+        if not reason and not targets:
+            reason = f"{name}: no target on this machine (no GPU{'' if name != 'tensorrt-rtx' else ' and no rtx_targets'})"
+        if reason:
+            if not spec.wants_auto or name != "tensorrt":  # auto tries TensorRT only where it is installed
+                skipped.append({"backend": name, "status": "skipped", "reason": reason})
+            continue
+        version = engine_backend.library_version()
+        for target in targets:
+            key = key_of("engine", build.keys["fp16"], name, target.as_dict(), version, _options(build),
+                         asdict(spec.tolerance))
+            planned.append(Planned(name, target, key))
+    return planned, skipped
+
+
+def _options(build: Build) -> dict[str, Any]:
+    spec, model = build.recipe.engines, build.recipe.model
+    export = build.export_result()
+    return {
+        "builder_optimization_level": spec.builder_optimization_level,
+        "hardware_compatibility": spec.hardware_compatibility,
+        "cuda_graph": spec.cuda_graph,
+        "keep_fp32_ops": list(build.recipe.fp16.keep_fp32_ops),
+        "architecture": export.get("model_type") or model.architecture,
+        "num_heads": export.get("num_heads", 0),
+        "hidden_size": export.get("hidden_size", 0),
+    }
+
+
+def runnable_here(target: Target) -> bool:
+    return target.kind != "aot" or target.gpu is not None
+
+
+def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path) -> dict[str, dict[str, Any]]:
+    """Start one worker per engine, all at once, and wait for them. Returns results by stage name."""
+    from trtforge.backends.worker import save_reference
+    from trtforge.stages.validate import signature_of, task_policy
+    from trtforge.tasks import task_spec
+
+    reference_path = build.cache.root / f"reference-{build.keys['fp16']}.npz"
+    if not reference_path.is_file():
+        save_reference(reference_path, build.reference)
+    export = build.export_result()
+    shapes = {"batch": list(build.recipe.shapes.batch), SEQUENCE: list(build.recipe.shapes.extent),
+              IMAGE: list(build.recipe.shapes.extent)}
+    processes = {}
+    for planned, scratch in jobs:
+        job = BuildJob(backend=planned.backend, target=planned.target.as_dict(), fp32_onnx=str(fp32),
+                       fp16_onnx=str(fp16), out_dir=str(scratch), inputs=export["io"]["inputs"],
+                       outputs=export["io"]["outputs"], shapes=shapes, options=_options(build),
+                       cache_dir=str(build.cache.root.parent / "timing-caches"))
+        spec = {"job": asdict(job), "check": runnable_here(planned.target), "reference": str(reference_path),
+                "signature": signature_of(export["io"]["inputs"]),
+                "policy": task_policy(task_spec(build.recipe.model.task)),
+                "tolerance": asdict(build.recipe.engines.tolerance)}
+        job_path = scratch / "job.json"
+        job_path.write_text(json.dumps(spec, indent=2))
+        env = dict(os.environ)
+        if planned.target.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(planned.target.gpu["index"])
+        elif planned.target.kind == "aot":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # offline build: needs no GPU and must not take one
+        build.progress.detail(f"worker for {planned.relative_dir}")
+        processes[planned.stage] = (subprocess.Popen([sys.executable, "-m", "trtforge.backends.worker", str(job_path)],
+                                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True), job_path)
+    results = {}
+    for stage, (process, job_path) in processes.items():
+        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
+        result_path = job_path.parent / "result.json"
+        if result_path.is_file():
+            results[stage] = json.loads(result_path.read_text())
+            result_path.unlink()
+        else:
+            results[stage] = {"error": f"worker exited with {process.returncode}: {output.strip()[-300:]}"}
+        (job_path.parent / "worker.log").write_text(output)
+    return results
+
+
+def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[str, Any], ParityResult]:
+    """The manifest entry of one engine, and its parity section."""
+    name = f"{planned.backend}/{planned.target.name}"
+    if "error" in result:
+        status, parity = "failed", ParityResult(name, "pytorch-fp32", (), checked=True, error=result["error"],
+                                                note=f"build or check failed: {result['error']}")
+    elif "parity" in result:
+        parity = ParityResult.from_dict(result["parity"])
+        status = "passed" if parity.passed else "failed"
+    else:
+        status = "built-not-checked"
+        parity = ParityResult(name, "pytorch-fp32", (), checked=False,
+                              note=f"built for {', '.join('sm' + c.replace('.', '') for c in planned.target.compute_capabilities)}"
+                                   " ahead of time; no such GPU on this machine to run it")
+    target = planned.target
+    return {
+        "backend": planned.backend,
+        "target": target.name,
+        "kind": target.kind,
+        "status": status,
+        "dir": planned.relative_dir,
+        "file": f"{planned.relative_dir}/{backend(planned.backend).engine_file}",
+        "compute_capabilities": list(target.compute_capabilities),
+        "gpu": target.gpu,
+        "library_version": result.get("library_version"),
+        "options": _options(build),
+        "build": result.get("build", {}),
+        "latency_ms": result.get("latency_ms"),
+        "cuda_graph_failures": result.get("cuda_graph_failures") or None,
+        "error": result.get("error"),
+        "io": build.export_result()["io"],
+        "profile": {"batch": list(build.recipe.shapes.batch),
+                    build.recipe.shapes.extent_name: list(build.recipe.shapes.extent)},
+        "key": planned.key,
+        "rebuild": build.reproduce + (" (on a machine with this GPU)" if target.kind == "gpu" else ""),
+    }, parity
+
+
+def choose_defaults(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each GPU model, the fastest passing engine at the opt shape."""
+    best: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e["status"] != "passed" or not e.get("latency_ms") or not e.get("gpu"):
+            continue
+        key = e["gpu"]["model_key"]
+        if key not in best or e["latency_ms"]["median"] < best[key]["latency_ms"]:
+            best[key] = {"backend": e["backend"], "target": e["target"], "latency_ms": e["latency_ms"]["median"]}
+    return best
+
+
+def write_result(scratch: Path, result: dict[str, Any]) -> None:
+    write_json_atomic(scratch / "stage.json", result)
