@@ -160,7 +160,8 @@ def output_parity(output: str, label: str, candidate: np.ndarray, reference: np.
     ref_nonfinite = int((~np.isfinite(ref)).sum())
     diff = np.abs(cand - ref)
     max_abs = float(np.nanmax(diff)) if diff.size else 0.0
-    rel = diff / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
+    # Relative to |reference|, floored at atol: near-zero references would make it meaningless.
+    rel = diff / np.maximum(np.abs(ref), max(atol, np.finfo(np.float32).tiny))
     max_rel = float(np.nanmax(rel)) if rel.size else 0.0
     mean_abs = float(np.nanmean(diff)) if diff.size else 0.0
     cosine = _cosine(cand, ref)
