@@ -58,7 +58,7 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
     for name in names:
         engine_backend = backend(name)
         needs_gpu = name in ("tensorrt", "onnxruntime-cuda")
-        reason = f"{name}: no NVIDIA GPU on this machine" if needs_gpu and not gpus else engine_backend.missing()
+        reason = engine_backend.missing() or (f"{name}: no NVIDIA GPU on this machine" if needs_gpu and not gpus else None)
         targets = [] if reason else engine_backend.targets(gpus=gpus, rtx_targets=spec.rtx_targets, wanted_gpus=spec.gpus)
         if not reason and not targets:
             reason = f"{name}: no target on this machine (no GPU{'' if name != 'tensorrt-rtx' else ' and no rtx_targets'})"

@@ -1,0 +1,142 @@
+"""Engine builds on the CPU: real TensorRT-RTX ahead-of-time builds, the onnxruntime CPU engine, the
+compatibility-checked loader and its error paths."""
+
+from __future__ import annotations
+
+import json
+import importlib.util
+from xml.etree import ElementTree as ET
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import trtforge
+from tests.conftest import tiny_recipe_text
+from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProblem, ShapeError
+from trtforge.pipeline import Build
+from trtforge.recipe import load_recipe
+from trtforge.store import read_manifest, verify_files
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt-rtx-cu13 not installed (pip install -e '.[rtx]')")
+RTX = "[engines]\nbackends = ['tensorrt-rtx']\nrtx_targets = ['sm86', 'sm120']\n"
+CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"
+
+
+def build(write_recipe, arch, extra, **kwargs):
+    path = write_recipe(tiny_recipe_text(arch, extra=extra), f"{arch}.toml")
+    return path, Build(load_recipe(path), path.parent / "out", **kwargs).run()
+
+
+@needs_rtx
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "vit"])
+def test_tensorrt_rtx_builds_ahead_of_time_for_rtx_targets(write_recipe, arch):
+    _, result = build(write_recipe, arch, RTX)
+    assert result.passed  # nothing checked failed; the plans are recorded as not checked
+    manifest = result.manifest
+    engines = {e["target"]: e for e in manifest["engines"]}
+    assert set(engines) == {"sm86", "sm120"}
+    for target, entry in engines.items():
+        assert entry["status"] == "built-not-checked" and entry["kind"] == "aot"
+        assert entry["compute_capabilities"] == [{"sm86": "8.6", "sm120": "12.0"}[target]]
+        assert entry["library_version"].startswith("1.")
+        plan = result.artifact / entry["file"]
+        assert plan.stat().st_size > 10_000 and entry["build"]["plan_bytes"] == plan.stat().st_size
+        assert entry["build"]["profile"][manifest["io"]["inputs"][0]["name"]][2][0] == 4  # max batch
+        assert (result.artifact / entry["dir"] / "build.log").is_file()
+    assert verify_files(result.artifact, manifest) == []
+    suites = ET.parse(result.artifact / "reports/parity.junit.xml").getroot()
+    engine_suites = [s for s in suites if s.get("name").startswith("engine")]
+    assert len(engine_suites) == 2 and all(s.get("skipped") == "1" for s in engine_suites)
+
+
+@needs_rtx
+def test_engine_builds_are_cached_and_only_engines_rerun_when_their_settings_change(write_recipe):
+    path, first = build(write_recipe, "bert", RTX)
+    again = Build(load_recipe(path), path.parent / "out").run()
+    assert again.up_to_date
+    path.write_text(path.read_text().replace("['sm86', 'sm120']", "['sm86', 'sm89']"))
+    changed = Build(load_recipe(path), path.parent / "out").run()
+    stages = changed.manifest["stages"]
+    assert stages["export"]["cached"] and stages["validate"]["cached"] and stages["fp16"]["cached"]
+    assert stages["engine-tensorrt-rtx-sm86"]["cached"] and not stages["engine-tensorrt-rtx-sm89"]["cached"]
+    assert {e["target"] for e in changed.manifest["engines"]} == {"sm86", "sm89"}
+    assert not (changed.artifact / "engines/tensorrt-rtx/sm120").exists()
+
+
+def test_onnxruntime_cpu_engine_is_checked_and_loads(write_recipe):
+    _, result = build(write_recipe, "distilbert", CPU)
+    [entry] = result.manifest["engines"]
+    assert entry["status"] == "passed" and entry["latency_ms"]["median"] > 0
+    engine_parity = result.manifest["parity"]["results"][-1]
+    assert engine_parity["stage"] == "engine engines/onnxruntime-cpu/cpu" and engine_parity["passed"]
+    assert [o["shape_label"] for o in engine_parity["outputs"]] == ["min", "opt", "max"]
+
+    engine = trtforge.load(result.artifact, "cpu")
+    ids = torch.randint(0, 1000, (3, 12))
+    out = engine({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["logits"]
+    session = ort.InferenceSession(str(result.artifact / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((3, 12), np.int64)})[0]
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_loader_refuses_what_does_not_fit(write_recipe):
+    _, result = build(write_recipe, "bert", CPU)
+    artifact = result.artifact
+    ids = torch.ones(2, 8, dtype=torch.int64)
+    feed = {"input_ids": ids, "attention_mask": ids, "token_type_ids": torch.zeros_like(ids)}
+    engine = trtforge.load(artifact, "cpu")
+
+    with pytest.raises(ShapeError, match=r"batch 5, outside the engine's profile \[1, 4\]"):
+        engine({k: v.repeat(3, 1)[:5] for k, v in feed.items()})
+    with pytest.raises(ShapeError, match=r"sequence 40, outside the engine's profile \[1, 32\]"):
+        engine({k: v.repeat(1, 5) for k, v in feed.items()})
+    with pytest.raises(ShapeError, match="token_type_ids' is missing"):
+        engine({"input_ids": ids, "attention_mask": ids})
+    with pytest.raises(CompatibilityError, match="fits .* on cuda:0|cuda:0 does not exist"):
+        trtforge.load(artifact, "cuda:0")
+    with pytest.raises(CompatibilityError, match="no engine in tiny-bert fits the CPU"):
+        trtforge.load(artifact, "cpu", backend_name="tensorrt-rtx")
+
+    manifest_path = artifact / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["engines"][0]["library_version"] = "0.1"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CompatibilityError, match=r"built with onnxruntime-cpu 0.1, this machine has"):
+        trtforge.load(artifact, "cpu")
+    manifest_path.write_text(original)
+
+    with (artifact / "engines/onnxruntime-cpu/cpu/model.onnx").open("r+b") as f:
+        f.seek(64)
+        f.write(b"corrupted")
+    with pytest.raises(ArtifactError, match="model.onnx: sha256 mismatch"):
+        trtforge.load(artifact, "cpu")
+
+
+def test_missing_libraries_are_skipped_with_the_package_to_install(write_recipe):
+    extra = "[engines]\nbackends = ['tensorrt', 'onnxruntime-cuda', 'onnxruntime-cpu']\n"
+    if torch.cuda.is_available():
+        pytest.skip("this machine may have these libraries")
+    _, result = build(write_recipe, "bert", extra)
+    skipped = {s["backend"]: s["reason"] for s in result.manifest["skipped_backends"]}
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "pip install tensorrt-cu13" in skipped["tensorrt"]
+    assert "onnxruntime-gpu" in skipped["onnxruntime-cuda"]
+    assert [e["backend"] for e in result.manifest["engines"]] == ["onnxruntime-cpu"]
+    assert result.passed
+
+
+def test_loading_an_engine_whose_library_is_absent_says_what_to_install(write_recipe):
+    _, result = build(write_recipe, "bert", CPU)
+    manifest_path = result.artifact / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["engines"][0]["backend"] = "onnxruntime-cuda"
+    manifest["engines"][0]["kind"] = "portable"
+    manifest_path.write_text(json.dumps(manifest))
+    if importlib.util.find_spec("onnxruntime") and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(EnvironmentProblem, match="pip uninstall onnxruntime && pip install onnxruntime-gpu"):
+        trtforge.load(result.artifact, "cpu")
