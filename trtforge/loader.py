@@ -31,22 +31,7 @@ class ProfiledEngine(Engine):
         self.profile = {axis: tuple(r) for axis, r in entry["profile"].items()}  # axis -> (min, opt, max)
 
     def check_shapes(self, feed: Mapping[str, Any]) -> None:
-        for spec in self.inputs:
-            if spec["name"] not in feed:
-                raise ShapeError(f"input {spec['name']!r} is missing; this engine takes "
-                                 f"{', '.join(i['name'] for i in self.inputs)}")
-            shape = tuple(feed[spec["name"]].shape)
-            if len(shape) != len(spec["shape"]):
-                raise ShapeError(f"input {spec['name']!r} has {len(shape)} dimensions, expected {len(spec['shape'])} "
-                                 f"({spec['shape']})")
-            for size, dim in zip(shape, spec["shape"]):
-                if isinstance(dim, str):
-                    lo, _, hi = self.profile[dim]
-                    if not lo <= size <= hi:
-                        raise ShapeError(f"input {spec['name']!r} has {dim} {size}, outside the engine's profile "
-                                         f"[{lo}, {hi}]; split the batch or rebuild with a wider [shapes] {dim}")
-                elif size != dim:
-                    raise ShapeError(f"input {spec['name']!r} has size {size} where the engine needs {dim}")
+        check_shapes(self.inputs, self.profile, feed)
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         self.check_shapes(feed)
@@ -54,6 +39,26 @@ class ProfiledEngine(Engine):
 
     def close(self) -> None:
         self.engine.close()
+
+
+def check_shapes(inputs: list[dict[str, Any]], profile: Mapping[str, tuple[int, ...]], feed: Mapping[str, Any]) -> None:
+    """Refuse a feed that misses an input or leaves the profile's (min, opt, max) on any axis."""
+    for spec in inputs:
+        if spec["name"] not in feed:
+            raise ShapeError(f"input {spec['name']!r} is missing; this engine takes "
+                             f"{', '.join(i['name'] for i in inputs)}")
+        shape = tuple(feed[spec["name"]].shape)
+        if len(shape) != len(spec["shape"]):
+            raise ShapeError(f"input {spec['name']!r} has {len(shape)} dimensions, expected {len(spec['shape'])} "
+                             f"({spec['shape']})")
+        for size, dim in zip(shape, spec["shape"]):
+            if isinstance(dim, str):
+                lo, _, hi = profile[dim]
+                if not lo <= size <= hi:
+                    raise ShapeError(f"input {spec['name']!r} has {dim} {size}, outside the engine's profile "
+                                     f"[{lo}, {hi}]; split the batch or rebuild with a wider [shapes] {dim}")
+            elif size != dim:
+                raise ShapeError(f"input {spec['name']!r} has size {size} where the engine needs {dim}")
 
 
 def load(artifact: str | Path, device: str = "cuda:0", *, backend_name: str | None = None) -> ProfiledEngine:

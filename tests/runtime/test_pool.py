@@ -1,0 +1,119 @@
+"""The runtime's scheduling, ordering and fault handling, on CPU engines (onnxruntime-cpu)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import tiny_recipe_text
+from trtforge.errors import ShapeError
+from trtforge.pipeline import Build
+from trtforge.recipe import load_recipe
+from trtforge.runtime import RequestTimeout, Runtime, WorkerDied, WorkerError
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rt")
+    text = tiny_recipe_text("bert", extra="[engines]\nbackends = ['onnxruntime-cpu']\n")
+    (tmp / "r.toml").write_text(text.replace('"feature-extraction"', '"sequence-classification"'))
+    result = Build(load_recipe(tmp / "r.toml"), tmp / "out").run()
+    assert result.passed
+    return result.artifact
+
+
+def feed(rows: int, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(0, 1000, (rows, seq), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def expected(artifact, batch):
+    session = ort.InferenceSession(str(artifact / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {k: v[i:i + 1] for k, v in batch.items()})[0]
+                           for i in range(len(batch["input_ids"]))])
+
+
+def test_large_batches_are_split_and_come_back_in_order(artifact):
+    batch = feed(11)
+    with Runtime(artifact, devices=2, timeout_s=30) as rt:
+        assert [w["backend"] for w in rt.workers] == ["onnxruntime-cpu"] * 2
+        out = rt.run(batch)["logits"]
+        futures = [rt.submit(feed(3, seed=s)) for s in range(20)]
+        results = [f.result(timeout=30)["logits"] for f in futures]
+    np.testing.assert_allclose(out, expected(artifact, batch), rtol=1e-3, atol=1e-3)
+    for s, result in enumerate(results):
+        np.testing.assert_allclose(result, expected(artifact, feed(3, seed=s)), rtol=1e-3, atol=1e-3)
+
+
+def test_torch_inputs_are_accepted(artifact):
+    import torch
+
+    batch = {k: torch.from_numpy(v) for k, v in feed(4).items()}
+    with Runtime(artifact, devices=1) as rt:
+        assert rt.run(batch)["logits"].shape == (4, 2)
+
+
+def test_bad_input_reaches_the_caller_and_the_worker_keeps_serving(artifact):
+    with Runtime(artifact, devices=1, timeout_s=30) as rt:
+        with pytest.raises(ShapeError, match=r"sequence 40, outside the engine's profile \[1, 32\]"):
+            rt.submit(feed(2, seq=40))
+        wrong_dtype = {**feed(2), "input_ids": feed(2)["input_ids"].astype(np.float32)}
+        with pytest.raises(WorkerError, match="worker 0 \\(cpu\\)"):
+            rt.run(wrong_dtype)
+        assert rt.run(feed(2))["logits"].shape == (2, 2)
+
+
+def test_worker_killed_mid_request_fails_its_requests_and_the_rest_keep_serving(artifact):
+    with Runtime(artifact, devices=2, timeout_s=30) as rt:
+        victim = rt.workers[0]["pid"]
+        os.kill(victim, signal.SIGSTOP)  # hold its requests so the kill lands mid-request
+        futures = [rt.submit(feed(1, seed=s)) for s in range(6)]  # one chunk each, spread over both
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(timeout=10)
+                outcomes.append("ok")
+            except WorkerDied as e:
+                assert "exited" in str(e) and "keep serving" in str(e)
+                outcomes.append("died")
+        assert "died" in outcomes and "ok" in outcomes
+        assert [w["alive"] for w in rt.workers] == [False, True]
+        after = rt.run(feed(5), timeout=10)["logits"]  # the survivor takes the whole batch
+        np.testing.assert_allclose(after, expected(artifact, feed(5)), rtol=1e-3, atol=1e-3)
+
+
+def test_a_hung_worker_times_out_instead_of_hanging(artifact):
+    with Runtime(artifact, devices=2, timeout_s=1.0) as rt:
+        stuck = rt.workers[0]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RequestTimeout, match="no answer within 1 s"):
+                rt.run(feed(2), timeout=5)  # one chunk per worker: worker 0's never comes back
+            assert time.monotonic() - start < 3
+            assert rt.run(feed(1), timeout=5)["logits"].shape == (1, 2)  # routed to the idle worker
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+
+
+def test_close_releases_every_worker(artifact):
+    rt = Runtime(artifact, devices=2)
+    pids = [w["pid"] for w in rt.workers]
+    rt.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(WorkerError, match="closed"):
+        rt.submit(feed(1))
+
+
+def test_a_device_without_a_fitting_engine_fails_at_start(artifact):
+    with pytest.raises(WorkerError, match="could not load the engine: CompatibilityError"):
+        Runtime(artifact, devices=["cuda:0"], start_timeout_s=120)
