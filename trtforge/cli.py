@@ -58,6 +58,7 @@ def main() -> None:
     \b
     trtforge build recipes/minilm.toml     export, validate, FP16, engines, manifest
     trtforge inspect engines/minilm        summarise an artifact and verify its hashes
+    trtforge bench recipes/minilm.toml     runtime vs PyTorch DDP: parity, speed, scaling
 
     Exit codes: 0 passed, 1 parity gate or verification failed, 2 bad input or environment.
     """
@@ -89,6 +90,70 @@ def build(recipe: Path, out_dir: Path, force: bool, as_json: bool, quiet: bool, 
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2, default=str))
     sys.exit(0 if result.passed else 1)
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,32,128, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers such as 1,32,128, got {value!r}")
+    return numbers
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_OUT,
+              show_default=True, help="Output root of the artifact (built first if needed).")
+@click.option("--results", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the reports and plots go.  [default: OUT/<name>.bench]")
+@click.option("--batches", default="1,32,128", show_default=True, help="Per-device batch sizes.")
+@click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length.")
+@click.option("--devices", "device_counts", default=None, help="Device counts to run, e.g. 1,2,4.  [default: 1..all]")
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed batches per measurement.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Untimed batches first.")
+@click.option("--cpu", "cpu_workers", type=click.IntRange(min=0), default=0,
+              help="Bench N CPU workers (onnxruntime-cpu engines, gloo DDP) instead of GPUs.")
+@click.option("--outputs", type=click.Choice(["host", "device"]), default="host", show_default=True,
+              help="Return results to host memory, or leave them on the device.")
+@click.option("--text", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Tokenize this file's lines up front and use them as inputs (time reported apart).")
+@click.option("--baselines", default="ddp,dataparallel,compile", show_default=True,
+              help="PyTorch baselines to run: ddp, dataparallel, compile.")
+@click.option("--backend", default=None, help="Engine backend the runtime loads.  [default: the device's default]")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@_common
+@guarded
+def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, sequence: int, device_counts: str | None,
+          iterations: int, warmup: int, cpu_workers: int, outputs: str, text: Path | None, baselines: str,
+          backend: str | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Serve RECIPE's artifact with the runtime on 1..N devices against PyTorch DDP, DataParallel and
+    torch.compile: parity, throughput, latency, scaling. Writes bench.json, bench.md and plots."""
+    from trtforge.pipeline import Build
+    from trtforge.progress import Progress
+    from trtforge.recipe import load_recipe
+    from trtforge.runtime.bench import BenchConfig, bench as run_bench, write_report
+
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parsed = load_recipe(recipe)
+    progress = Progress(quiet=quiet, verbose=verbose)
+    built = Build(parsed, out_dir, progress=progress).run()
+    if not built.passed:
+        _fail(f"{built.artifact} failed its parity gates; fix the build before benchmarking it", 1)
+    config = BenchConfig(batches=_ints(batches), sequence=sequence, iterations=iterations, warmup=warmup,
+                         device_counts=_ints(device_counts) if device_counts else None, cpu_workers=cpu_workers,
+                         outputs=outputs, text=text, backend=backend,
+                         baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()))
+    report = run_bench(parsed, built.artifact, config, progress)
+    written = write_report(report, results or out_dir / f"{parsed.model.name}.bench")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    elif not quiet:
+        click.echo((written[1]).read_text())
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+    sys.exit(0 if report["parity_passed"] or not report["results"]["parity"] else 1)
 
 
 @main.command()

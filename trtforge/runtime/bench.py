@@ -1,0 +1,296 @@
+"""`trtforge bench RECIPE`: the runtime against PyTorch DDP (and DataParallel, torch.compile) on the same
+inputs, on 1..N devices: parity, throughput, latency percentiles, scaling efficiency, plots.
+
+Per-device batch b on N devices means a global batch of b * N rows for every contender.
+Throughput is steady state: warm-up first, then `iterations` batches kept in flight (two per device
+for the runtime). E(N) = T(N) / (N x T(1)).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.compare import compare, function_runner
+from trtforge.progress import Progress
+from trtforge.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 32, 128)
+    sequence: int = 128
+    iterations: int = 200
+    warmup: int = 20
+    device_counts: tuple[int, ...] | None = None  # default: 1..available
+    cpu_workers: int = 0  # > 0: CPU engines and a gloo DDP baseline (for machines without a GPU)
+    outputs: str = "host"
+    text: Path | None = None
+    baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
+    backend: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def synthetic_feed(loaded: Any, rows: int, sequence: int, seed: int) -> dict[str, np.ndarray]:
+    """Fixed random token ids, no padding (speed does not depend on the values)."""
+    from trtforge.models import make_inputs
+
+    if loaded.task.is_image:
+        return make_inputs(loaded, rows, sequence, seed=seed)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, loaded.model.config.vocab_size, (rows, sequence), dtype=np.int64)
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {t.name: full[t.name] for t in loaded.inputs}
+
+
+def text_feed(loaded: Any, path: Path, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float]:
+    """The first `rows` lines of a text file, tokenized up front; returns the feed and the seconds it took."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = (lines * (rows // max(1, len(lines)) + 1))[:rows]
+    start = time.perf_counter()
+    encoded = loaded.tokenizer(lines, padding="max_length", truncation=True, max_length=sequence, return_tensors="np")
+    seconds = time.perf_counter() - start
+    return {t.name: encoded[t.name].astype(np.int64) for t in loaded.inputs}, seconds
+
+
+def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int, warmup: int,
+                    depth: int) -> dict[str, float]:
+    for _ in range(warmup):
+        runtime.run(feed)
+    latencies: list[float] = []
+    in_flight: list[tuple[float, Any]] = []
+    begin = time.perf_counter()
+    for _ in range(iterations):
+        if len(in_flight) >= depth:
+            start, future = in_flight.pop(0)
+            future.result()
+            latencies.append(1e3 * (time.perf_counter() - start))
+        in_flight.append((time.perf_counter(), runtime.submit(feed)))
+    for start, future in in_flight:
+        future.result()
+        latencies.append(1e3 * (time.perf_counter() - start))
+    elapsed = time.perf_counter() - begin
+    rows = len(next(iter(feed.values())))
+    from trtforge.runtime.baselines import percentiles
+
+    return {"throughput": round(rows * iterations / elapsed, 1), **percentiles(latencies)}
+
+
+def single_latency(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int) -> dict[str, float]:
+    """Latency of one request at a time (no pipelining): what a caller waiting on each batch sees."""
+    from trtforge.runtime.baselines import percentiles
+
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        runtime.run(feed)
+        times.append(1e3 * (time.perf_counter() - start))
+    return percentiles(times)
+
+
+def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progress) -> dict[str, Any]:
+    import torch
+
+    from trtforge.models import load_model
+    from trtforge.runtime.baselines import run_compiled, run_data_parallel, run_ddp
+    from trtforge.runtime.pool import Runtime
+    from trtforge.store import read_manifest
+
+    on_gpu = config.cpu_workers == 0
+    available = torch.cuda.device_count() if on_gpu else config.cpu_workers
+    if available == 0:
+        from trtforge.errors import CompatibilityError
+
+        raise CompatibilityError("no GPU on this machine; run with --cpu N to bench CPU engines")
+    counts = config.device_counts or tuple(range(1, available + 1))
+    manifest = read_manifest(artifact)
+    loaded = load_model(recipe.model)
+    task = loaded.task
+    progress.line(f"trtforge bench {recipe.model.name}: devices {list(counts)}, per-device batches "
+                  f"{list(config.batches)}, sequence {config.sequence}, {config.iterations} iterations")
+
+    tokenize_s = None
+    results: dict[str, Any] = {"runtime": {}, "ddp": {}, "dataparallel": {}, "compile": {}, "parity": {}}
+    for n in counts:
+        feeds = {}
+        for b in config.batches:
+            if config.text is not None:
+                feeds[b], tokenize_s = text_feed(loaded, config.text, b * n, config.sequence)
+            else:
+                feeds[b] = synthetic_feed(loaded, b * n, config.sequence, seed=b)
+        from trtforge.models import make_inputs
+
+        parity_feed = make_inputs(loaded, min(config.batches[-1], recipe.shapes.batch[2]) * n, config.sequence, seed=7)
+        with progress.stage("runtime", f"{n} device(s)") as outcome:
+            with Runtime(artifact, devices=list(range(n)) if on_gpu else n, backend=config.backend, outputs=config.outputs,
+                         timeout_s=600) as runtime:
+                per_batch = {}
+                for b in config.batches:
+                    per_batch[b] = measure_runtime(runtime, feeds[b], iterations=config.iterations,
+                                                   warmup=config.warmup, depth=2 * n)
+                    per_batch[b]["single"] = single_latency(runtime, feeds[b], iterations=max(20, config.iterations // 4))
+                    if tokenize_s is not None:
+                        per_batch[b]["tokenize_s"] = round(tokenize_s, 4)
+                runtime_parity = runtime.run(parity_feed)
+                if config.outputs == "device":  # chunks left on their devices: gather them for the check
+                    runtime_parity = {k: np.concatenate([c[k].float().cpu().numpy() for c in runtime_parity])
+                                      for k in runtime_parity[0]}
+                backends = sorted({w["backend"] for w in runtime.workers})
+            results["runtime"][n] = per_batch
+            outcome["summary"] = _summary(per_batch) + f" [{', '.join(backends)}]"
+        if "ddp" in config.baselines:
+            with progress.stage("ddp", f"PyTorch DDP on {n} device(s)") as outcome:
+                ddp = run_ddp(n, str(recipe.path), list(config.batches), feeds, parity_feed,
+                              iterations=config.iterations, warmup=config.warmup, on_gpu=on_gpu)
+                results["ddp"][n] = ddp["timings"]
+                outcome["summary"] = _summary(ddp["timings"])
+            if runtime_parity is not None:
+                results["parity"][n] = _parity(task, parity_feed, runtime_parity, ddp["parity"], recipe)
+                progress.line(f"  {'parity':<10} runtime vs DDP on {n} device(s): "
+                              f"{'passed' if results['parity'][n]['passed'] else 'FAILED'}")
+        if on_gpu and n > 1 and "dataparallel" in config.baselines:
+            with progress.stage("dp", f"DataParallel on {n} GPUs") as outcome:
+                results["dataparallel"][n] = run_data_parallel(n, str(recipe.path), list(config.batches), feeds,
+                                                               iterations=config.iterations, warmup=config.warmup)
+                outcome["summary"] = _summary(results["dataparallel"][n])
+        if on_gpu and n == 1 and "compile" in config.baselines:
+            with progress.stage("compile", "torch.compile reduce-overhead, 1 GPU") as outcome:
+                results["compile"][1] = run_compiled(str(recipe.path), list(config.batches), feeds,
+                                                     iterations=config.iterations, warmup=config.warmup)
+                outcome["summary"] = _summary(results["compile"][1])
+
+    report = {
+        "name": recipe.model.name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"platform": platform.platform(), "gpus": [torch.cuda.get_device_name(i) for i in range(available)]
+                 if on_gpu else [], "cpu_workers": config.cpu_workers},
+        "config": {**asdict(config), "text": str(config.text) if config.text else None},
+        "engines": [{k: e[k] for k in ("backend", "target", "status")} for e in manifest["engines"]],
+        "results": results,
+        "scaling": scaling(results["runtime"], config.batches),
+        "scaling_ddp": scaling(results["ddp"], config.batches),
+    }
+    report["parity_passed"] = bool(results["parity"]) and all(p["passed"] for p in results["parity"].values())
+    return report
+
+
+def _summary(per_batch: dict[int, dict[str, Any]]) -> str:
+    return ", ".join(f"b{b}: {r['throughput']:.0f}/s p50 {r['p50_ms']:.2f} ms" if "throughput" in r else f"b{b}: {r.get('error')}"
+                     for b, r in per_batch.items())
+
+
+def scaling(by_count: dict[int, dict[int, dict[str, Any]]], batches: tuple[int, ...]) -> dict[int, dict[int, float]]:
+    """E(N) = T(N) / (N x T(1)) per batch size."""
+    if 1 not in by_count:
+        return {}
+    return {b: {n: round(r[b]["throughput"] / (n * by_count[1][b]["throughput"]), 3)
+                for n, r in by_count.items() if "throughput" in r.get(b, {})} for b in batches}
+
+
+def _parity(task: Any, feed: dict[str, np.ndarray], runtime_out: dict[str, np.ndarray], ddp_out: np.ndarray,
+            recipe: Recipe) -> dict[str, Any]:
+    from trtforge.stages.validate import task_policy
+
+    name = task.outputs[0].name
+    signature = {k: (str(v.dtype), tuple(None for _ in v.shape)) for k, v in feed.items()}
+    reference = function_runner("pytorch-ddp-fp16", lambda f: {name: ddp_out}, signature)
+    candidate = function_runner("trtforge-runtime", lambda f: {name: runtime_out[name].astype(np.float32)}, signature)
+    [result] = compare(reference, [candidate], {"parity": feed}, tolerance=recipe.engines.tolerance,
+                       **task_policy(task))
+    return result.as_dict()
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    return [out / "bench.json", out / "bench.md", *plots(report, out)]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r = report["results"]
+    config = report["config"]
+    lines = [f"# trtforge bench: {report['name']}", "",
+             f"{report['date']}; devices {', '.join(report['host']['gpus']) or str(report['host']['cpu_workers']) + ' CPU workers'}; "
+             f"sequence {config['sequence']}; {config['iterations']} iterations after {config['warmup']} warm-up; "
+             f"outputs to {config['outputs']}; inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
+             f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
+             f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
+             "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
+             "| contender | devices | per-device batch | throughput | per device | p50 | p90 | p99 | one-at-a-time p50 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for contender in ("runtime", "ddp", "dataparallel", "compile"):
+        for n, per_batch in sorted(r[contender].items(), key=lambda kv: int(kv[0])):
+            for b, row in per_batch.items():
+                if "throughput" not in row:
+                    lines.append(f"| {contender} | {n} | {b} | not run: {row.get('error', '')[:80]} | | | | | |")
+                    continue
+                single = row.get("single", {}).get("p50_ms", "–")
+                lines.append(f"| {contender} | {n} | {b} | {row['throughput']:.0f} | {row['throughput'] / int(n):.0f} | "
+                             f"{row['p50_ms']:.3f} | {row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {single} |")
+    lines += ["", "## Scaling efficiency E(N) = T(N) / (N x T(1))", "",
+              "| per-device batch | " + " | ".join(f"runtime E({n})" for n in sorted({int(n) for v in report["scaling"].values() for n in v}))
+              + " | " + " | ".join(f"DDP E({n})" for n in sorted({int(n) for v in report["scaling_ddp"].values() for n in v})) + " |"]
+    lines.append("|---|" + "---|" * (len(lines[-1].split("|")) - 3))
+    for b in report["scaling"]:
+        runtime = report["scaling"][b]
+        ddp = report["scaling_ddp"].get(b, {})
+        lines.append(f"| {b} | " + " | ".join(str(runtime[n]) for n in sorted(runtime, key=int)) + " | "
+                     + " | ".join(str(ddp[n]) for n in sorted(ddp, key=int)) + " |")
+    lines += ["", "## Ratios", "", "| devices | per-device batch | runtime / DDP throughput |", "|---|---|---|"]
+    for n, per_batch in r["ddp"].items():
+        for b, row in per_batch.items():
+            mine = r["runtime"].get(n, {}).get(b)
+            if mine and "throughput" in row:
+                lines.append(f"| {n} | {b} | {mine['throughput'] / row['throughput']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = report["results"]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for contender, style in (("runtime", "o-"), ("ddp", "s--"), ("dataparallel", "^:")):
+        for b in report["config"]["batches"]:
+            points = sorted((int(n), v[b]["throughput"]) for n, v in r[contender].items() if "throughput" in v.get(b, {}))
+            if points:
+                ax.plot(*zip(*points), style, label=f"{contender} b{b}")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("devices")
+    ax.set_ylabel("sequences / s")
+    ax.set_title(f"{report['name']}: throughput vs devices")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_devices.png", dpi=110)
+    written.append(out / "throughput_vs_devices.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for contender, style in (("runtime", "o-"), ("ddp", "s--"), ("compile", "d-.")):
+        if 1 in r[contender] or "1" in r[contender]:
+            per_batch = r[contender].get(1) or r[contender].get("1")
+            points = sorted((int(b), v["p50_ms"]) for b, v in per_batch.items() if "p50_ms" in v)
+            ax.plot(*zip(*points), style, label=f"{contender} (1 device)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("p50 latency per batch (ms)")
+    ax.set_title(f"{report['name']}: latency vs batch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_batch.png", dpi=110)
+    written.append(out / "latency_vs_batch.png")
+    plt.close(fig)
+    return written
