@@ -26,6 +26,7 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
         responses.put(("failed", slot, f"{type(e).__name__}: {e}"))
         return
     on_gpu = device != "cpu"
+    staging = _Staging()
     responses.put(("ready", slot, {"pid": os.getpid(), "device": device, "backend": engine.backend,
                                    "profile": engine.profile}))
     sent = 0
@@ -35,12 +36,12 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
             break
         _, request_id, chunk, arrays = message
         try:
-            feed = {name: _to_device(array, device) for name, array in arrays.items()}
+            feed = {name: staging.to_device(name, array, device) for name, array in arrays.items()}
             outputs = engine(feed)
             if outputs_on == "device" and on_gpu:
                 result = {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
             else:
-                result = {k: _to_host(v) for k, v in outputs.items()}
+                result = {k: staging.to_host(k, v) for k, v in outputs.items()}
             responses.put(("result", request_id, chunk, slot, result))
         except Exception as e:  # one bad request must not stop the worker
             responses.put(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -51,21 +52,44 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
     engine.close()
 
 
-def _to_device(array: Any, device: str) -> Any:
-    import torch
+class _Staging:
+    """Pinned host buffers, kept per tensor name and reused while the shape fits: allocating pinned
+    memory costs more than the copy itself, so it is done once, not per request."""
 
-    tensor = torch.from_numpy(array)
-    if device == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, str], Any] = {}
 
+    def _buffer(self, key: tuple[str, str], shape: tuple[int, ...], dtype: Any) -> Any:
+        import torch
 
-def _to_host(tensor: Any) -> Any:
-    import torch
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = torch.empty(max(numel, 1), dtype=dtype, pin_memory=True)
+            self.buffers[key] = buffer
+        return buffer[:numel].view(shape)
 
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()
-    return host.numpy()
+    def to_device(self, name: str, array: Any, device: str) -> Any:
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if device == "cpu":
+            return tensor
+        pinned = self._buffer(("in", name), tuple(tensor.shape), tensor.dtype)
+        pinned.copy_(tensor)
+        # Asynchronous: the engine runs after the copy on the same stream; the buffer is reused only
+        # by the next request, after this one's results are back.
+        return pinned.to(device, non_blocking=True)
+
+    def to_host(self, name: str, tensor: Any) -> Any:
+        import torch
+
+        if tensor.device.type == "cpu":
+            return tensor.numpy()
+        pinned = self._buffer(("out", name), tuple(tensor.shape), tensor.dtype)
+        pinned.copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream(tensor.device).synchronize()
+        # A copy: the queue pickles in a background thread, after the buffer may be reused.
+        return pinned.numpy().copy()
