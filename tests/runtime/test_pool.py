@@ -117,3 +117,14 @@ def test_close_releases_every_worker(artifact):
 def test_a_device_without_a_fitting_engine_fails_at_start(artifact):
     with pytest.raises(WorkerError, match="could not load the engine: CompatibilityError"):
         Runtime(artifact, devices=["cuda:0"], start_timeout_s=120)
+
+
+def test_eight_workers_share_a_batch(artifact):
+    """Nothing in the runtime assumes at most four devices: eight workers split one batch of 32 rows
+    into eight chunks of the profile's maximum, 4 (CPU workers here; the same code serves GPUs)."""
+    batch = feed(8 * 4)
+    with Runtime(artifact, devices=8, timeout_s=60, start_timeout_s=300) as rt:
+        assert len({w["pid"] for w in rt.workers}) == 8
+        out = rt.run(batch, timeout=60)["logits"]
+        assert all(w["alive"] for w in rt.workers)
+    np.testing.assert_allclose(out, expected(artifact, batch), rtol=1e-3, atol=1e-3)
