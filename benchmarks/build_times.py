@@ -46,7 +46,7 @@ def main() -> None:
               "platform": platform.platform(), "command": " ".join(["python", *sys.argv]), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "build-times-cpu.json").write_text(json.dumps(record, indent=2) + "\n")
-    stages = sorted({s for r in rows for s in r["stages_s"]}, key=["export", "validate", "fp16"].index)
+    stages = list(dict.fromkeys(s for r in rows for s in r["stages_s"]))  # pipeline order
     lines = [f"# Build times on a CPU machine ({record['cpus']} cores, {record['date']})", "",
              f"Command: `{record['command']}`  ", f"Platform: {record['platform']}", "",
              "| recipe | cold build (s) | " + " | ".join(f"{s} (s)" for s in stages) + " | no-op rebuild (s) | parity |",

