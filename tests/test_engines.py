@@ -17,7 +17,7 @@ from tests.conftest import tiny_recipe_text
 from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProblem, ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
-from trtforge.store import read_manifest, verify_files
+from trtforge.store import verify_files
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                reason="tensorrt-rtx-cu13 not installed (pip install -e '.[rtx]')")

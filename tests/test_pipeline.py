@@ -11,7 +11,6 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from tests.conftest import tiny_recipe_text
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.stages import steps

@@ -183,10 +183,10 @@ def _summary(artifact: Path, manifest: dict[str, Any], problems: list[str]) -> s
         f"  model     {manifest['model']['source']}  [{manifest['model']['task']}]",
         f"  built     {manifest['created']} with trtforge {manifest['versions'].get('trtforge')}, "
         f"torch {manifest['versions'].get('torch')}, onnxruntime {manifest['versions'].get('onnxruntime')}",
-        f"  shapes    " + ", ".join(f"{k} {v}" for k, v in manifest["shapes"].items()),
-        f"  inputs    " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("inputs", [])),
-        f"  outputs   " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("outputs", [])),
-        f"  stages    " + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()),
+        "  shapes    " + ", ".join(f"{k} {v}" for k, v in manifest["shapes"].items()),
+        "  inputs    " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("inputs", [])),
+        "  outputs   " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("outputs", [])),
+        "  stages    " + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()),
         f"  parity    {'PASSED' if parity['passed'] else 'FAILED'}: "
         + ", ".join(f"{r['stage']} {'pass' if r['passed'] else ('FAIL' if r['checked'] else 'not checked')}"
                     for r in parity["results"]),

@@ -19,7 +19,7 @@ import numpy as np
 
 from trtforge.errors import EnvironmentProblem
 from trtforge.recipe import ModelSpec
-from trtforge.tasks import BATCH, IMAGE, SEQUENCE, TaskSpec, TensorSpec, task_spec
+from trtforge.tasks import TaskSpec, TensorSpec, task_spec
 
 CORPUS = Path(__file__).with_name("data") / "corpus.txt"
 
@@ -195,7 +195,3 @@ def _tokenize(tokenizer: Any, lengths: np.ndarray, extent: int,
 
 def dynamic_axes(tensors: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     return {t.name: {i: axis for i, axis in enumerate(t.axes) if axis} for t in tensors}
-
-
-def axis_sizes(batch: int, extent: int) -> dict[str, int]:
-    return {BATCH: batch, SEQUENCE: extent, IMAGE: extent}

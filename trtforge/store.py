@@ -15,7 +15,6 @@ at worst a temporary directory that the next build removes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -194,9 +193,3 @@ def verify_files(artifact: Path, manifest: dict[str, Any], only: list[str] | Non
         elif sha256_file(path) != expected["sha256"]:
             problems.append(f"{rel}: sha256 mismatch")
     return problems
-
-
-def disk_error(e: OSError, where: Path) -> ArtifactError:
-    if e.errno == errno.ENOSPC:
-        return ArtifactError(f"no space left on the device holding {where}; free space or use --out elsewhere")
-    return ArtifactError(f"cannot write {where}: {e.strerror}; check permissions or use --out elsewhere")

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import tiny_recipe_text
@@ -11,7 +10,7 @@ from trtforge.models import load_model, make_inputs
 from trtforge.recipe import FP16Spec, Tolerance, load_recipe
 from trtforge.stages.export import export_onnx
 from trtforge.stages.fp16 import convert, make_fp16
-from trtforge.stages.validate import Reference, profile_feeds
+from trtforge.stages.validate import Reference
 
 
 def _ops_and_types(path):

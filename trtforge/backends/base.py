@@ -102,7 +102,7 @@ class Backend(ABC):
             return str(getattr(importlib.import_module(self.module), "__version__", "unknown"))
 
     @abstractmethod
-    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...], wanted_gpus: Any) -> list[Target]: ...
+    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...]) -> list[Target]: ...
 
     @abstractmethod
     def build(self, job: BuildJob, log: Any) -> dict[str, Any]:

@@ -15,11 +15,9 @@ from typing import Any, Mapping
 
 from trtforge.backends.base import Backend, BuildJob, Engine, Target
 from trtforge.devices import GpuInfo, distinct_models
-from trtforge.errors import EnvironmentProblem
 
 # ONNX Runtime's optimizer knows these model types; architectures not listed use "bert" fusions.
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
-NUMPY_DTYPE = {"int64": "int64", "int32": "int32", "float32": "float32", "float16": "float16"}
 
 
 class OnnxruntimeBackend(Backend):
@@ -47,7 +45,7 @@ class OnnxruntimeBackend(Backend):
 
         return ort.__version__
 
-    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...], wanted_gpus: Any) -> list[Target]:
+    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...]) -> list[Target]:
         if self.provider == "cpu":
             return [Target(name="cpu", kind="portable")]
         # The graph itself suits any NVIDIA GPU, but each distinct GPU model gets its own, checked

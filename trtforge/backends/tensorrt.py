@@ -46,7 +46,7 @@ class TensorRTBackend(Backend):
         return str(self.trt().__version__)
 
     # --- targets -------------------------------------------------------------------------------------
-    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...], wanted_gpus: Any) -> list[Target]:
+    def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...]) -> list[Target]:
         if self.rtx:
             offline = [Target(name=t, kind="aot", compute_capabilities=(RTX_SM[t],)) for t in rtx_targets]
             # RTX GPUs present here are targeted too (and can be checked); SM90 is not supported.

@@ -35,7 +35,6 @@ def percentiles(times_ms: list[float]) -> dict[str, float]:
 
 def torch_model(recipe_path: str, device: str) -> Any:
     """The recipe's model as PyTorch serves it best: FP16 and SDPA attention on a GPU, FP32 on CPU."""
-    import torch
     import transformers
 
     from trtforge.models import load_model

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -266,7 +265,17 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     r = report["results"]
-    written = []
+
+    def save(fig: Any, ax: Any, name: str, title: str, xlabel: str, ylabel: str) -> Path:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{report['name']}: {title}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for contender, style in (("runtime", "o-"), ("ddp", "s--"), ("dataparallel", "^:")):
         for b in report["config"]["batches"]:
@@ -274,28 +283,14 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
             if points:
                 ax.plot(*zip(*points), style, label=f"{contender} b{b}")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set_xlabel("devices")
-    ax.set_ylabel("sequences / s")
-    ax.set_title(f"{report['name']}: throughput vs devices")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_devices.png", dpi=110)
-    written.append(out / "throughput_vs_devices.png")
-    plt.close(fig)
+    throughput = save(fig, ax, "throughput_vs_devices.png", "throughput vs devices", "devices", "sequences / s")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for contender, style in (("runtime", "o-"), ("ddp", "s--"), ("compile", "d-.")):
-        if 1 in r[contender] or "1" in r[contender]:
-            per_batch = r[contender].get(1) or r[contender].get("1")
+        per_batch = r[contender].get(1) or r[contender].get("1")
+        if per_batch:
             points = sorted((int(b), v["p50_ms"]) for b, v in per_batch.items() if "p50_ms" in v)
             ax.plot(*zip(*points), style, label=f"{contender} (1 device)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch")
-    ax.set_ylabel("p50 latency per batch (ms)")
-    ax.set_title(f"{report['name']}: latency vs batch")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_batch.png", dpi=110)
-    written.append(out / "latency_vs_batch.png")
-    plt.close(fig)
-    return written
+    latency = save(fig, ax, "latency_vs_batch.png", "latency vs batch", "batch", "p50 latency per batch (ms)")
+    return [throughput, latency]

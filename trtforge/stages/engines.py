@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from trtforge.backends.base import BuildJob, Target, backend
 from trtforge.compare import ParityResult
-from trtforge.store import key_of, write_json_atomic
+from trtforge.store import key_of
 from trtforge.tasks import IMAGE, SEQUENCE
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
         engine_backend = backend(name)
         needs_gpu = name in ("tensorrt", "onnxruntime-cuda")
         reason = engine_backend.missing() or (f"{name}: no NVIDIA GPU on this machine" if needs_gpu and not gpus else None)
-        targets = [] if reason else engine_backend.targets(gpus=gpus, rtx_targets=spec.rtx_targets, wanted_gpus=spec.gpus)
+        targets = [] if reason else engine_backend.targets(gpus=gpus, rtx_targets=spec.rtx_targets)
         if not reason and not targets:
             reason = f"{name}: no target on this machine (no GPU{'' if name != 'tensorrt-rtx' else ' and no rtx_targets'})"
         if reason:
@@ -186,7 +186,3 @@ def choose_defaults(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if key not in best or e["latency_ms"]["median"] < best[key]["latency_ms"]:
             best[key] = {"backend": e["backend"], "target": e["target"], "latency_ms": e["latency_ms"]["median"]}
     return best
-
-
-def write_result(scratch: Path, result: dict[str, Any]) -> None:
-    write_json_atomic(scratch / "stage.json", result)
