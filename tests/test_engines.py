@@ -15,6 +15,7 @@ import torch
 import trtforge
 from tests.conftest import tiny_recipe_text
 from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProblem, ShapeError
+from trtforge.loader import check_profiles
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.store import verify_files
@@ -44,7 +45,7 @@ def test_tensorrt_rtx_builds_ahead_of_time_for_rtx_targets(write_recipe, arch):
         assert entry["library_version"].startswith("1.")
         plan = result.artifact / entry["file"]
         assert plan.stat().st_size > 10_000 and entry["build"]["plan_bytes"] == plan.stat().st_size
-        assert entry["build"]["profile"][manifest["io"]["inputs"][0]["name"]][2][0] == 4  # max batch
+        assert entry["build"]["profiles"][0][manifest["io"]["inputs"][0]["name"]][2][0] == 4  # max batch
         assert (result.artifact / entry["dir"] / "build.log").is_file()
     assert verify_files(result.artifact, manifest) == []
     suites = ET.parse(result.artifact / "reports/parity.junit.xml").getroot()
@@ -64,6 +65,26 @@ def test_engine_builds_are_cached_and_only_engines_rerun_when_their_settings_cha
     assert stages["engine-tensorrt-rtx-sm86"]["cached"] and not stages["engine-tensorrt-rtx-sm89"]["cached"]
     assert {e["target"] for e in changed.manifest["engines"]} == {"sm86", "sm89"}
     assert not (changed.artifact / "engines/tensorrt-rtx/sm120").exists()
+
+
+@needs_rtx
+def test_extra_optimization_profiles_are_built_and_checked_against(write_recipe):
+    extra = RTX.replace("['sm86', 'sm120']", "['sm89']") + "[[engines.profiles]]\nbatch = [8, 16, 64]\nsequence = [1, 8, 16]\n"
+    _, result = build(write_recipe, "bert", extra)
+    [entry] = result.manifest["engines"]
+    assert entry["status"] == "built-not-checked"
+    built = entry["build"]["profiles"]
+    assert len(built) == 2 and built[1]["input_ids"] == [[8, 1], [16, 8], [64, 16]]
+    profiles = [{axis: tuple(r) for axis, r in p.items()} for p in entry["profiles"]]
+    inputs = result.manifest["io"]["inputs"]
+
+    def feed(batch, seq):
+        return {t["name"]: np.zeros((batch, seq), np.int64) for t in inputs}
+
+    check_profiles(inputs, profiles, feed(2, 32))   # the recipe's [shapes]: batch <= 4, sequence <= 32
+    check_profiles(inputs, profiles, feed(48, 12))  # the extra profile: batch 8..64, sequence <= 16
+    with pytest.raises(ShapeError, match="no profile fits; this engine's profiles: batch \\[1, 4\\]"):
+        check_profiles(inputs, profiles, feed(48, 20))
 
 
 def test_onnxruntime_cpu_engine_is_checked_and_loads(write_recipe):

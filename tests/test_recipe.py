@@ -48,6 +48,8 @@ def test_recipe_hash_changes_with_content(write_recipe):
         (GOOD + "[engines]\nrtx_targets = ['sm90']\n", "engines.rtx_targets", "no sm90"),
         (GOOD + "[engines]\ngpus = 'some'\n", "engines.gpus", "all"),
         (GOOD + "[export]\nopset = 11\n", "export.opset", "17"),
+        (GOOD + "[[engines.profiles]]\nbatch = [4, 2, 1]\nsequence = [1, 2, 3]\n", "engines.profiles[0].batch",
+         "min <= opt <= max"),
         (GOOD.replace("[shapes]", "[shape]"), "shapes", "missing section"),
     ],
 )

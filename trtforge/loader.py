@@ -28,10 +28,12 @@ class ProfiledEngine(Engine):
         self.backend, self.device = engine.backend, engine.device
         self.inputs = entry["io"]["inputs"]
         self.outputs = entry["io"]["outputs"]
-        self.profile = {axis: tuple(r) for axis, r in entry["profile"].items()}  # axis -> (min, opt, max)
+        # axis -> (min, opt, max), one dict per optimization profile; the first is the recipe's [shapes]
+        self.profiles = [{axis: tuple(r) for axis, r in p.items()} for p in entry["profiles"]]
+        self.profile = self.profiles[0]
 
     def check_shapes(self, feed: Mapping[str, Any]) -> None:
-        check_shapes(self.inputs, self.profile, feed)
+        check_profiles(self.inputs, self.profiles, feed)
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         self.check_shapes(feed)
@@ -59,6 +61,21 @@ def check_shapes(inputs: list[dict[str, Any]], profile: Mapping[str, tuple[int, 
                                      f"[{lo}, {hi}]; split the batch or rebuild with a wider [shapes] {dim}")
             elif size != dim:
                 raise ShapeError(f"input {spec['name']!r} has size {size} where the engine needs {dim}")
+
+
+def check_profiles(inputs: list[dict[str, Any]], profiles: list[Mapping[str, tuple[int, ...]]],
+                   feed: Mapping[str, Any]) -> None:
+    """Refuse a feed that fits none of an engine's optimization profiles."""
+    errors = []
+    for profile in profiles:
+        try:
+            return check_shapes(inputs, profile, feed)
+        except ShapeError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    ranges = "; ".join(", ".join(f"{axis} [{r[0]}, {r[2]}]" for axis, r in p.items()) for p in profiles)
+    raise ShapeError(f"{errors[0]} (no profile fits; this engine's profiles: {ranges})")
 
 
 def load(artifact: str | Path, device: str = "cuda:0", *, backend_name: str | None = None) -> ProfiledEngine:

@@ -116,6 +116,8 @@ class EngineSpec:
     cuda_graph: bool = True
     tolerance: Tolerance = field(default_factory=lambda: Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999,
                                                                    min_argmax_agreement=0.9))
+    # TensorRT optimization profiles beyond the one [shapes] gives: {"batch": (min, opt, max), ...}
+    extra_profiles: tuple[dict[str, Range], ...] = ()
 
     @property
     def wants_auto(self) -> bool:
@@ -304,7 +306,18 @@ def _package_model_dir(section: _Section, source: str) -> Path:
     return Path(module.get_model_path()).resolve()
 
 
-def _engines(path: Path, section: _Section | None) -> EngineSpec:
+def _profiles(section: _Section, extent_name: str) -> tuple[dict[str, Range], ...]:
+    tables = section.get("profiles", list, [], hint="write [[engines.profiles]] tables with batch and "
+                         f"{extent_name} ranges")
+    profiles = []
+    for i, table in enumerate(tables):
+        one = _Section(section.path, f"{section.qualified('profiles')}[{i}]", table)
+        profiles.append({"batch": _range(one, "batch"), extent_name: _range(one, extent_name)})
+        one.finish()
+    return tuple(profiles)
+
+
+def _engines(path: Path, section: _Section | None, extent_name: str) -> EngineSpec:
     default = EngineSpec()
     if section is None:
         return default
@@ -337,6 +350,7 @@ def _engines(path: Path, section: _Section | None) -> EngineSpec:
     spec = EngineSpec(
         backends=tuple(backends), gpus=gpus, rtx_targets=targets, hardware_compatibility=hwc,
         builder_optimization_level=level, cuda_graph=section.get("cuda_graph", bool, True),
+        extra_profiles=_profiles(section, extent_name),
         tolerance=_tolerance(section.sub("check"), default.tolerance),
     )
     section.finish()
@@ -405,7 +419,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
             tolerance=_tolerance(fp16_section, fp16.tolerance),
         )
 
-    engines = _engines(path, root.sub("engines"))
+    engines = _engines(path, root.sub("engines"), extent_name)
     root.finish()
     return Recipe(path=path, model=model, shapes=shapes, export=export, validate=validate, fp16=fp16,
                   engines=engines, raw=raw)

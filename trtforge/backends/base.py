@@ -51,14 +51,19 @@ class BuildJob:
     outputs: list[dict[str, Any]]
     shapes: dict[str, list[int]]  # axis name -> [min, opt, max]
     options: dict[str, Any] = field(default_factory=dict)
+    extra_profiles: list[dict[str, list[int]]] = field(default_factory=list)  # more optimization profiles
     cache_dir: str = ""  # where timing caches persist across builds
 
-    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """Per input (min, opt, max) shapes from the recipe's ranges and the inputs' axes."""
-        result = {}
-        for spec in self.inputs:
-            dims = [[self.shapes[a][i] if isinstance(a, str) else a for a in spec["shape"]] for i in range(3)]
-            result[spec["name"]] = tuple(tuple(d) for d in dims)
+    def profiles(self) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+        """Per profile, per input (min, opt, max) shapes from the ranges and the inputs' axes; the
+        recipe's [shapes] first, then [[engines.profiles]]."""
+        result = []
+        for ranges in [self.shapes, *self.extra_profiles]:
+            profile = {}
+            for spec in self.inputs:
+                dims = [[ranges[a][i] if isinstance(a, str) else a for a in spec["shape"]] for i in range(3)]
+                profile[spec["name"]] = tuple(tuple(d) for d in dims)
+            result.append(profile)
         return result
 
 

@@ -68,11 +68,12 @@ class TensorRTBackend(Backend):
             raise EnvironmentProblem(f"{self.name} could not parse {Path(job.fp16_onnx).name}: {errors}")
 
         config = builder.create_builder_config()
-        profile = builder.create_optimization_profile()
-        shapes = job.profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        profiles = job.profiles()
+        for shapes in profiles:
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in shapes.items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         config.builder_optimization_level = int(job.options.get("builder_optimization_level", 3))
         level = job.options.get("hardware_compatibility", "none")
@@ -97,7 +98,7 @@ class TensorRTBackend(Backend):
         out = Path(job.out_dir)
         (out / self.engine_file).write_bytes(plan)
         meta: dict[str, Any] = {"build_seconds": round(seconds, 2), "plan_bytes": plan.nbytes,
-                                "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+                                "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
                                 "strongly_typed": True}
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,12 +152,26 @@ class TensorRTEngine(Engine):
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.active_profile = 0
+
+    def _select_profile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Switch to the first optimization profile whose ranges hold every input's shape."""
+        for index in range(self.engine.num_optimization_profiles):
+            ranges = {n: self.engine.get_tensor_profile_shape(n, index) for n in self.inputs}
+            if all(all(lo <= s <= hi for s, lo, hi in zip(shape, ranges[n][0], ranges[n][2]))
+                   for n, shape in shapes.items()):
+                if index != self.active_profile:
+                    self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+                    self.active_profile = index
+                return
+        raise EnvironmentProblem(f"no optimization profile of this engine holds shapes {shapes}")
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
         results = {}
         with torch.cuda.device(self.torch_device):
+            self._select_profile({n: tuple(feed[n].shape) for n in self.inputs})
             for name in self.inputs:
                 tensor = feed[name].to(self.torch_device, self.dtypes[name]).contiguous()
                 self.context.set_input_shape(name, tuple(tensor.shape))

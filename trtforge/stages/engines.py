@@ -82,6 +82,7 @@ def _options(build: Build) -> dict[str, Any]:
         "hardware_compatibility": spec.hardware_compatibility,
         "cuda_graph": spec.cuda_graph,
         "keep_fp32_ops": list(build.recipe.fp16.keep_fp32_ops),
+        "extra_profiles": [{k: list(v) for k, v in p.items()} for p in spec.extra_profiles],
         "architecture": export.get("model_type") or model.architecture,
         "num_heads": export.get("num_heads", 0),
         "hidden_size": export.get("hidden_size", 0),
@@ -109,6 +110,7 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
         job = BuildJob(backend=planned.backend, target=planned.target.as_dict(), fp32_onnx=str(fp32),
                        fp16_onnx=str(fp16), out_dir=str(scratch), inputs=export["io"]["inputs"],
                        outputs=export["io"]["outputs"], shapes=shapes, options=_options(build),
+                       extra_profiles=[_with_both_extents(p) for p in build.recipe.engines.extra_profiles],
                        cache_dir=str(build.cache.root.parent / "timing-caches"))
         spec = {"job": asdict(job), "check": runnable_here(planned.target), "reference": str(reference_path),
                 "signature": signature_of(export["io"]["inputs"]),
@@ -169,11 +171,19 @@ def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[
         "cuda_graph_failures": result.get("cuda_graph_failures") or None,
         "error": result.get("error"),
         "io": build.export_result()["io"],
-        "profile": {"batch": list(build.recipe.shapes.batch),
-                    build.recipe.shapes.extent_name: list(build.recipe.shapes.extent)},
+        "profiles": [{"batch": list(build.recipe.shapes.batch),
+                      build.recipe.shapes.extent_name: list(build.recipe.shapes.extent)},
+                     *([{k: list(v) for k, v in p.items()} for p in build.recipe.engines.extra_profiles]
+                       if backend(planned.backend).engine_file == "engine.plan" else [])],
         "key": planned.key,
         "rebuild": build.reproduce + (" (on a machine with this GPU)" if target.kind == "gpu" else ""),
     }, parity
+
+
+def _with_both_extents(profile: dict[str, Any]) -> dict[str, list[int]]:
+    """A recipe profile keyed the way BuildJob resolves input axes (batch, sequence, image)."""
+    extent = profile.get(SEQUENCE) or profile.get(IMAGE)
+    return {"batch": list(profile["batch"]), SEQUENCE: list(extent), IMAGE: list(extent)}
 
 
 def choose_defaults(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
