@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trtforge.errors import RecipeError
+from trtforge.schema import Section
 
 Task = Literal[
     "feature-extraction",
@@ -146,59 +147,7 @@ class Recipe:
         return data
 
 
-class _Section:
-    """Reads one TOML table, remembering which keys were used so that unknown ones are reported."""
-
-    def __init__(self, path: Path, name: str, table: Any) -> None:
-        if not isinstance(table, dict):
-            raise RecipeError(path, name, f"expected a table, got {type(table).__name__}",
-                              f"write it as a [{name}] section")
-        self.path, self.name, self.table, self.used = path, name, table, set()
-
-    def qualified(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key: str, problem: str, fix: str) -> RecipeError:
-        return RecipeError(self.path, self.qualified(key) if key else self.name, problem, fix)
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, hint: str = "") -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            if default is ...:
-                raise self.error(key, "missing required key", hint or f"add `{key} = ...` to [{self.name or 'the recipe'}]")
-            return default
-        value = self.table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # TOML integers are fine where floats are expected; booleans are never numbers here.
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(key, f"expected {_kind_names(kinds)}, got a boolean", hint or "fix its type")
-        if not isinstance(value, kinds):
-            raise self.error(key, f"expected {_kind_names(kinds)}, got {type(value).__name__} {value!r}",
-                             hint or "fix its type")
-        return value
-
-    def sub(self, key: str) -> _Section | None:
-        self.used.add(key)
-        if key not in self.table:
-            return None
-        return _Section(self.path, self.qualified(key), self.table[key])
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            known = ", ".join(sorted(self.used))
-            raise self.error(unknown[0], "unknown key", f"remove it or use one of: {known}")
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _range(section: _Section, key: str, default: Any = ...) -> Range:
+def _range(section: Section, key: str, default: Any = ...) -> Range:
     value = section.get(key, list, default, hint=f"write `{key} = [min, opt, max]`")
     if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise section.error(key, f"expected three integers [min, opt, max], got {value!r}",
@@ -209,7 +158,7 @@ def _range(section: _Section, key: str, default: Any = ...) -> Range:
     return lo, opt, hi
 
 
-def _tolerance(section: _Section | None, default: Tolerance) -> Tolerance:
+def _tolerance(section: Section | None, default: Tolerance) -> Tolerance:
     if section is None:
         return default
     atol = section.get("atol", float, default.atol)
@@ -227,7 +176,7 @@ def _tolerance(section: _Section | None, default: Tolerance) -> Tolerance:
     if per_output is not None:
         for out_name in per_output.table:
             per_output.used.add(out_name)
-            one = _Section(section.path, f"{per_output.name}.{out_name}", per_output.table[out_name])
+            one = Section(section.path, f"{per_output.name}.{out_name}", per_output.table[out_name])
             outputs[out_name] = (one.get("atol", float, atol), one.get("rtol", float, rtol))
             one.finish()
     section.finish()
@@ -235,7 +184,7 @@ def _tolerance(section: _Section | None, default: Tolerance) -> Tolerance:
                      min_argmax_agreement=min_argmax)
 
 
-def _model(path: Path, section: _Section) -> ModelSpec:
+def _model(path: Path, section: Section) -> ModelSpec:
     name = section.get("name", str)
     if not NAME_PATTERN.match(name) or name in (".", ".."):
         raise section.error("name", f"{name!r} is not a plain artifact name",
@@ -271,7 +220,7 @@ def _model(path: Path, section: _Section) -> ModelSpec:
     return spec
 
 
-def _check_architecture(section: _Section, architecture: str) -> None:
+def _check_architecture(section: Section, architecture: str) -> None:
     """A transformers model_type. Most name their own package under transformers/models/, which is
     checked without importing anything; the rest are looked up in transformers' config mapping
     (an import of about 1.5 s, paid only for them)."""
@@ -290,7 +239,7 @@ def _check_architecture(section: _Section, architecture: str) -> None:
                             f"use a transformers model_type such as {', '.join(close) or 'bert, gpt2, vit'}")
 
 
-def _package_model_dir(section: _Section, source: str) -> Path:
+def _package_model_dir(section: Section, source: str) -> Path:
     """`package:NAME`: the model directory that Python package NAME ships (its get_model_path())."""
     import importlib
 
@@ -306,18 +255,18 @@ def _package_model_dir(section: _Section, source: str) -> Path:
     return Path(module.get_model_path()).resolve()
 
 
-def _profiles(section: _Section, extent_name: str) -> tuple[dict[str, Range], ...]:
+def _profiles(section: Section, extent_name: str) -> tuple[dict[str, Range], ...]:
     tables = section.get("profiles", list, [], hint="write [[engines.profiles]] tables with batch and "
                          f"{extent_name} ranges")
     profiles = []
     for i, table in enumerate(tables):
-        one = _Section(section.path, f"{section.qualified('profiles')}[{i}]", table)
+        one = Section(section.path, f"{section.qualified('profiles')}[{i}]", table)
         profiles.append({"batch": _range(one, "batch"), extent_name: _range(one, extent_name)})
         one.finish()
     return tuple(profiles)
 
 
-def _engines(path: Path, section: _Section | None, extent_name: str) -> EngineSpec:
+def _engines(path: Path, section: Section | None, extent_name: str) -> EngineSpec:
     default = EngineSpec()
     if section is None:
         return default
@@ -369,7 +318,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     except UnicodeDecodeError:
         raise RecipeError(path, None, "not a UTF-8 text file", "save the recipe as UTF-8 TOML") from None
 
-    root = _Section(path, "", raw)
+    root = Section(path, "", raw)
     model_section = root.sub("model")
     if model_section is None:
         raise RecipeError(path, "model", "missing section", "add a [model] section with name, source and task")
