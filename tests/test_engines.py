@@ -20,8 +20,12 @@ from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.store import verify_files
 
-needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
-                               reason="tensorrt-rtx-cu13 not installed (pip install -e '.[rtx]')")
+_rtx_missing = importlib.util.find_spec("tensorrt_rtx") is None
+
+
+def needs_rtx(test):
+    reason = "tensorrt-rtx-cu13 not installed (pip install -e '.[rtx]')"
+    return pytest.mark.tensorrt(pytest.mark.skipif(_rtx_missing, reason=reason)(test))
 RTX = "[engines]\nbackends = ['tensorrt-rtx']\nrtx_targets = ['sm86', 'sm120']\n"
 CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"
 
