@@ -100,3 +100,13 @@ def test_minilm_recipe_end_to_end(tmp_path):
     again = runner.invoke(main, ["build", str(ROOT / "recipes" / "minilm.toml"), "--out", str(out)])
     assert again.exit_code == 0 and "up to date" in again.stderr
     assert runner.invoke(main, ["inspect", str(out / "minilm")]).exit_code == 0
+
+
+def test_hub_model_missing_offline_exits_2_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(ROOT / "recipes" / "distilbert-sst2.toml"), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "not in the local Hugging Face cache" in result.stderr and "set [model] source" in result.stderr
+    assert not out.exists()

@@ -57,7 +57,7 @@ def _hub_revision(spec: ModelSpec) -> str:
                                  allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"])
     except LocalEntryNotFoundError:
         raise EnvironmentProblem(
-            f"model {spec.source!r} is not in the local Hugging Face cache and the hub is offline; "
+            f"model {spec.source!r} is not in the local Hugging Face cache and the hub is offline or unreachable; "
             "download it where the hub is reachable or set [model] source to a local directory") from None
     except Exception as e:  # network errors come in many types; all mean the same to the user
         raise EnvironmentProblem(

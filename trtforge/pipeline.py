@@ -129,6 +129,7 @@ class Build:
     # --- running ------------------------------------------------------------------------------------
     def run(self) -> BuildResult:
         self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
+        self.build_key  # resolves the model source and the engine plan: fails before anything is written
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.cache.locked():
             if not self.force and (manifest := self._published_if_current()) is not None:

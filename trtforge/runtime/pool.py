@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -61,6 +60,7 @@ class _Worker:
     device: str
     process: Any
     requests: Any
+    responses: Any  # the read end of this worker's own pipe
     info: dict[str, Any] = field(default_factory=dict)
     outstanding: set[tuple[int, int]] = field(default_factory=set)
     alive: bool = True
@@ -97,15 +97,17 @@ class Runtime:
         self.outputs_on, self.timeout_s = outputs, timeout_s
         self.devices = resolve_devices(devices)
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
-        self._responses = context.Queue()
         self._workers: list[_Worker] = []
         for slot, device in enumerate(self.devices):
             requests = context.Queue()
+            # One pipe per worker for its answers: a shared queue's write lock, held by a worker that
+            # is killed mid-send, would block every other worker for good.
+            reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{slot}",
-                                      args=(slot, str(self.artifact), device, backend, outputs, requests,
-                                            self._responses))
+                                      args=(slot, str(self.artifact), device, backend, outputs, requests, writer))
             process.start()
-            self._workers.append(_Worker(slot, device, process, requests))
+            writer.close()  # the worker holds the only write end: its exit shows as EOF here
+            self._workers.append(_Worker(slot, device, process, requests, reader))
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -123,21 +125,33 @@ class Runtime:
         deadline = time.monotonic() + timeout_s
         waiting = {w.slot for w in self._workers}
         while waiting:
+            pending = [self._workers[slot] for slot in waiting]
+            for worker, message in self._receive(pending, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
+                if message is None:
+                    raise WorkerDied(f"worker for {worker.device} exited while loading "
+                                     f"(exit code {worker.process.exitcode})")
+                kind, slot, payload = message
+                if kind == "failed":
+                    raise WorkerError(f"worker for {worker.device} could not load the engine: {payload}")
+                worker.info = payload
+                waiting.discard(slot)
+            if waiting and time.monotonic() > deadline:
+                raise RequestTimeout(f"workers for {sorted(waiting)} not ready after {timeout_s:.0f} s")
+
+    @staticmethod
+    def _receive(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, Any]]:
+        """Messages from whichever workers have one; (worker, None) for a worker whose pipe closed."""
+        from multiprocessing.connection import wait
+
+        by_reader = {id(w.responses): w for w in workers}
+        received = []
+        for reader in wait([w.responses for w in workers], timeout=timeout):
+            worker = by_reader[id(reader)]
             try:
-                message = self._responses.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                dead = [w for w in self._workers if w.slot in waiting and not w.process.is_alive()]
-                if dead:
-                    raise WorkerDied(f"worker for {dead[0].device} exited while loading "
-                                     f"(exit code {dead[0].process.exitcode})")
-                if time.monotonic() > deadline:
-                    raise RequestTimeout(f"workers for {sorted(waiting)} not ready after {timeout_s:.0f} s")
-                continue
-            kind, slot, payload = message
-            if kind == "failed":
-                raise WorkerError(f"worker for {self._workers[slot].device} could not load the engine: {payload}")
-            self._workers[slot].info = payload
-            waiting.discard(slot)
+                received.append((worker, reader.recv()))
+            except Exception:  # EOF, or a message cut short by the worker's death: the pipe is done
+                received.append((worker, None))
+        return received
 
     @property
     def workers(self) -> list[dict[str, Any]]:
@@ -184,15 +198,14 @@ class Runtime:
     # --- results --------------------------------------------------------------------------------------
     def _collect(self) -> None:
         while not self._closed:
-            try:
-                message = self._responses.get(timeout=0.1)
-            except queue.Empty:
-                message = None
-            except (EOFError, OSError):
-                return
+            live = [w for w in self._workers if w.alive]
+            if not live:
+                time.sleep(0.1)
+            received = self._receive(live, timeout=0.1) if live else []
             with self._lock:
-                if message is not None:
-                    self._handle(message)
+                for _, message in received:
+                    if message is not None:  # a closed pipe is handled by _reap, from the exit code
+                        self._handle(message)
                 self._reap()
 
     def _handle(self, message: tuple) -> None:

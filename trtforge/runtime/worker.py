@@ -1,7 +1,7 @@
 """One worker process per device: loads its engine through the checked loader, then serves requests.
 
 Messages in (its own queue): ("run", request_id, chunk, {name: ndarray}) or None to stop.
-Messages out (the shared queue): ("ready", slot, info) | ("result", request_id, chunk, slot, outputs)
+Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need): ("ready", slot, info) | ("result", request_id, chunk, slot, outputs)
 | ("error", request_id, chunk, slot, message) | ("failed", slot, message) when loading fails.
 """
 
@@ -23,11 +23,11 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
             torch.set_num_threads(1)
         engine = trtforge.load(artifact, device, backend_name=backend_name)
     except Exception as e:  # reported to the parent, which raises it to the caller
-        responses.put(("failed", slot, f"{type(e).__name__}: {e}"))
+        responses.send(("failed", slot, f"{type(e).__name__}: {e}"))
         return
     on_gpu = device != "cpu"
     staging = _Staging()
-    responses.put(("ready", slot, {"pid": os.getpid(), "device": device, "backend": engine.backend,
+    responses.send(("ready", slot, {"pid": os.getpid(), "device": device, "backend": engine.backend,
                                    "profile": engine.profile}))
     sent = 0
     while True:
@@ -42,9 +42,9 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
                 result = {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
             else:
                 result = {k: staging.to_host(k, v) for k, v in outputs.items()}
-            responses.put(("result", request_id, chunk, slot, result))
+            responses.send(("result", request_id, chunk, slot, result))
         except Exception as e:  # one bad request must not stop the worker
-            responses.put(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            responses.send(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                                                             f" [{traceback.extract_tb(e.__traceback__)[-1].name}]"))
         sent += 1
         if on_gpu and sent % 64 == 0:
