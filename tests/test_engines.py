@@ -165,3 +165,11 @@ def test_loading_an_engine_whose_library_is_absent_says_what_to_install(write_re
         pytest.skip("onnxruntime-gpu is installed")
     with pytest.raises(EnvironmentProblem, match="pip uninstall onnxruntime && pip install onnxruntime-gpu"):
         trtforge.load(result.artifact, "cpu")
+
+
+@needs_rtx
+def test_first_build_and_rebuild_agree_on_engine_keys(write_recipe):
+    """Engine cache keys must not depend on whether the export already ran in this process."""
+    path, first = build(write_recipe, "gpt2", RTX.replace("['sm86', 'sm120']", "['sm86']"))
+    again = Build(load_recipe(path), path.parent / "out").run()
+    assert again.up_to_date and again.manifest["build_key"] == first.manifest["build_key"]

@@ -75,18 +75,23 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
 
 
 def _options(build: Build) -> dict[str, Any]:
-    spec, model = build.recipe.engines, build.recipe.model
-    export = build.export_result()
+    """The recipe's build options: part of each engine's cache key, so known before anything runs."""
+    spec = build.recipe.engines
     return {
         "builder_optimization_level": spec.builder_optimization_level,
         "hardware_compatibility": spec.hardware_compatibility,
         "cuda_graph": spec.cuda_graph,
         "keep_fp32_ops": list(build.recipe.fp16.keep_fp32_ops),
         "extra_profiles": [{k: list(v) for k, v in p.items()} for p in spec.extra_profiles],
-        "architecture": export.get("model_type") or model.architecture,
-        "num_heads": export.get("num_heads", 0),
-        "hidden_size": export.get("hidden_size", 0),
     }
+
+
+def _model_facts(build: Build) -> dict[str, Any]:
+    """What the exported model is (for ONNX Runtime's fusions). Not part of the key: the export key,
+    already in it through the FP16 key, determines these."""
+    export = build.export_result()
+    return {"architecture": export.get("model_type") or build.recipe.model.architecture,
+            "num_heads": export.get("num_heads", 0), "hidden_size": export.get("hidden_size", 0)}
 
 
 def runnable_here(target: Target) -> bool:
@@ -109,7 +114,8 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
     for planned, scratch in jobs:
         job = BuildJob(backend=planned.backend, target=planned.target.as_dict(), fp32_onnx=str(fp32),
                        fp16_onnx=str(fp16), out_dir=str(scratch), inputs=export["io"]["inputs"],
-                       outputs=export["io"]["outputs"], shapes=shapes, options=_options(build),
+                       outputs=export["io"]["outputs"], shapes=shapes,
+                       options={**_options(build), **_model_facts(build)},
                        extra_profiles=[_with_both_extents(p) for p in build.recipe.engines.extra_profiles],
                        cache_dir=str(build.cache.root.parent / "timing-caches"))
         spec = {"job": asdict(job), "check": runnable_here(planned.target), "reference": str(reference_path),
