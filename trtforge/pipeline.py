@@ -67,6 +67,7 @@ class Build:
         self.command = command or ["trtforge", "build", str(recipe.path), "--out", str(out_dir)]
         self.stage_records: dict[str, dict[str, Any]] = {}
         self.engine_entries: list[dict[str, Any]] = []
+        self.fp16_result: dict[str, Any] | None = None
         self.skipped_backends: list[dict[str, Any]] = []
         self.used_entries: set[str] = set()
 
@@ -258,7 +259,7 @@ class Build:
         return manifest
 
     def _manifest(self, parity: dict[str, Any]) -> dict[str, Any]:
-        fp16 = getattr(self, "fp16_result", None)
+        fp16 = self.fp16_result
         return {
             "schema": SCHEMA,
             "name": self.recipe.model.name,
