@@ -17,6 +17,9 @@ from trtforge.backends.base import Backend, BuildJob, Engine, Target
 from trtforge.devices import GpuInfo, distinct_models
 
 # ONNX Runtime's optimizer knows these model types; architectures not listed use "bert" fusions.
+# CUDA graphs are captured per input shape, each in a session of its own; past this many shapes the
+# engine serves new shapes from its dynamic session rather than grow without bound.
+MAX_CUDA_GRAPHS = 16
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 
 
@@ -154,7 +157,7 @@ class OnnxruntimeEngine(Engine):
                       for n in self.input_names}
             return {o["name"]: torch.from_numpy(v) for o, v in zip(self.outputs, self.session.run(None, arrays))}
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
-        if self.cuda_graph and key not in self.graph_failures:
+        if self.cuda_graph and key not in self.graph_failures and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS):
             graph = self.graphs.get(key) or self._capture(key, feed)
             if graph is not None:
                 return graph.run(feed)
