@@ -26,6 +26,7 @@ from trtforge.recipe import Recipe
 from trtforge.report import REPORT_FILES, parity_section, render_reports
 from trtforge.stages.engines import Planned, choose_defaults
 from trtforge.stages.engines import entry as entry_for
+from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
 from trtforge.store import RESULT, SCHEMA, StageCache, key_of, publish, read_manifest, write_json_atomic
@@ -224,7 +225,7 @@ class Build:
                 fresh = run_engine_workers(self, jobs, fp32, fp16)
                 for p, scratch in jobs:
                     result = fresh[p.stage]
-                    result["status"] = entry_for(self, p, result)[0]["status"]
+                    result["status"] = engine_outcome(p, result)[0]
                     if "error" in result:  # not cached: a failed build is retried next time
                         results[p.stage] = result
                         continue

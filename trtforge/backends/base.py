@@ -91,6 +91,7 @@ class Backend(ABC):
     module: str  # the Python module whose presence makes this backend available
     distribution: str  # the pip package that provides it
     engine_file: str
+    multiple_profiles = False  # builds [[engines.profiles]] into the engine
 
     def missing(self) -> str | None:
         """None when the library imports; else one line that says what to install."""

@@ -32,6 +32,7 @@ HARDWARE_COMPATIBILITY = {"none": "NONE", "ampere+": "AMPERE_PLUS",
 
 class TensorRTBackend(Backend):
     engine_file = "engine.plan"
+    multiple_profiles = True
 
     def __init__(self, module: str) -> None:
         self.module = module

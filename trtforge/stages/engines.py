@@ -146,20 +146,24 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
     return results
 
 
-def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[str, Any], ParityResult]:
-    """The manifest entry of one engine, and its parity section."""
+def outcome(planned: Planned, result: dict[str, Any]) -> tuple[str, ParityResult]:
+    """An engine's status (passed, failed, built-not-checked) and its parity section, from its worker's result."""
     name = f"{planned.backend}/{planned.target.name}"
     if "error" in result:
-        status, parity = "failed", ParityResult(name, "pytorch-fp32", (), checked=True, error=result["error"],
-                                                note=f"build or check failed: {result['error']}")
-    elif "parity" in result:
+        return "failed", ParityResult(name, "pytorch-fp32", (), checked=True, error=result["error"],
+                                      note=f"build or check failed: {result['error']}")
+    if "parity" in result:
         parity = ParityResult.from_dict(result["parity"])
-        status = "passed" if parity.passed else "failed"
-    else:
-        status = "built-not-checked"
-        parity = ParityResult(name, "pytorch-fp32", (), checked=False,
-                              note=f"built for {', '.join('sm' + c.replace('.', '') for c in planned.target.compute_capabilities)}"
-                                   " ahead of time; no such GPU on this machine to run it")
+        return ("passed" if parity.passed else "failed"), parity
+    ccs = ", ".join("sm" + c.replace(".", "") for c in planned.target.compute_capabilities)
+    return "built-not-checked", ParityResult(name, "pytorch-fp32", (), checked=False,
+                                             note=f"built for {ccs} ahead of time; no such GPU on this machine to run it")
+
+
+def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[str, Any], ParityResult]:
+    """The manifest entry of one engine, and its parity section."""
+    status, parity = outcome(planned, result)
+    engine_backend = backend(planned.backend)
     target = planned.target
     return {
         "backend": planned.backend,
@@ -167,7 +171,7 @@ def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[
         "kind": target.kind,
         "status": status,
         "dir": planned.relative_dir,
-        "file": f"{planned.relative_dir}/{backend(planned.backend).engine_file}",
+        "file": f"{planned.relative_dir}/{engine_backend.engine_file}",
         "compute_capabilities": list(target.compute_capabilities),
         "gpu": target.gpu,
         "library_version": result.get("library_version"),
@@ -180,7 +184,7 @@ def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[
         "profiles": [{"batch": list(build.recipe.shapes.batch),
                       build.recipe.shapes.extent_name: list(build.recipe.shapes.extent)},
                      *([{k: list(v) for k, v in p.items()} for p in build.recipe.engines.extra_profiles]
-                       if backend(planned.backend).engine_file == "engine.plan" else [])],
+                       if engine_backend.multiple_profiles else [])],
         "key": planned.key,
         "rebuild": build.reproduce + (" (on a machine with this GPU)" if target.kind == "gpu" else ""),
     }, parity
