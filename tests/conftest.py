@@ -85,3 +85,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not gpu_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _never_write_into_the_checkout(tmp_path, monkeypatch):
+    """Every test runs in its own temporary directory, so a default such as --out engines/ lands there."""
+    monkeypatch.chdir(tmp_path)

@@ -97,12 +97,18 @@ def test_onnxruntime_cpu_engine_is_checked_and_loads(write_recipe):
     assert entry["status"] == "passed" and entry["latency_ms"]["median"] > 0
     engine_parity = result.manifest["parity"]["results"][-1]
     assert engine_parity["stage"] == "engine engines/onnxruntime-cpu/cpu" and engine_parity["passed"]
-    assert [o["shape_label"] for o in engine_parity["outputs"]] == ["min", "opt", "max"]
+    assert [o["shape_label"] for o in engine_parity["outputs"]] == ["opt", "min", "max-batch", "max-sequence"]
+    # Both validated graphs were checked and timed; the engine is the fastest that passed.
+    candidates = entry["build"]["candidates"]
+    assert set(candidates) == {"fp32", "fp16"} and all(c["passed"] for c in candidates.values())
+    chosen = entry["build"]["candidate"]
+    assert candidates[chosen]["median_ms"] == min(c["median_ms"] for c in candidates.values())
 
     engine = trtforge.load(result.artifact, "cpu")
     ids = torch.randint(0, 1000, (3, 12))
     out = engine({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["logits"]
-    session = ort.InferenceSession(str(result.artifact / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    graph = "model.onnx" if chosen == "fp32" else "model.fp16.onnx"
+    session = ort.InferenceSession(str(result.artifact / graph), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((3, 12), np.int64)})[0]
     np.testing.assert_array_equal(out.numpy(), expected)
 
@@ -128,10 +134,17 @@ def test_loader_refuses_what_does_not_fit(write_recipe):
     manifest_path = artifact / "manifest.json"
     original = manifest_path.read_text()
     manifest = json.loads(original)
-    manifest["engines"][0]["library_version"] = "0.1"
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(CompatibilityError, match=r"built with onnxruntime-cpu 0.1, this machine has"):
-        trtforge.load(artifact, "cpu")
+    # Version policy: an onnxruntime engine runs on the same major at the same or a newer minor.
+    major, minor = (int(v) for v in ort.__version__.split(".")[:2])
+    for built, accepted in ((f"{major}.{minor + 1}.0", False), (f"{major + 1}.0.0", False),
+                            (f"{major}.{max(0, minor - 1)}.0", True)):
+        manifest["engines"][0]["library_version"] = built
+        manifest_path.write_text(json.dumps(manifest))
+        if accepted:
+            trtforge.load(artifact, "cpu").close()
+        else:
+            with pytest.raises(CompatibilityError, match=rf"built with onnxruntime {built}, this machine has"):
+                trtforge.load(artifact, "cpu")
     manifest_path.write_text(original)
 
     with (artifact / "engines/onnxruntime-cpu/cpu/model.onnx").open("r+b") as f:
@@ -158,8 +171,13 @@ def test_loading_an_engine_whose_library_is_absent_says_what_to_install(write_re
     _, result = build(write_recipe, "bert", CPU)
     manifest_path = result.artifact / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["engines"][0]["backend"] = "onnxruntime-cuda"
-    manifest["engines"][0]["kind"] = "portable"
+    # The same graph, presented as a CUDA engine: the manifest stays valid, the library is absent.
+    entry = manifest["engines"][0]
+    entry.update(backend="onnxruntime-cuda", kind="portable", dir="engines/onnxruntime-cuda/cpu",
+                 file="engines/onnxruntime-cuda/cpu/model.onnx")
+    manifest["files"] = {rel.replace("onnxruntime-cpu", "onnxruntime-cuda"): r for rel, r in manifest["files"].items()}
+    manifest["roles"] = {}
+    (result.artifact / "engines/onnxruntime-cpu").rename(result.artifact / "engines/onnxruntime-cuda")
     manifest_path.write_text(json.dumps(manifest))
     if importlib.util.find_spec("onnxruntime") and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed")

@@ -5,6 +5,7 @@ import pytest
 from tests.conftest import tiny_recipe_text
 from trtforge.errors import RecipeError
 from trtforge.recipe import load_recipe
+from trtforge.stages.validate import validation_shapes
 
 GOOD = tiny_recipe_text("bert")
 
@@ -13,7 +14,8 @@ def test_good_recipe_parses_with_defaults(write_recipe):
     recipe = load_recipe(write_recipe(GOOD + "[validate]\natol = 1e-3\n[validate.outputs.last_hidden_state]\nrtol = 0.5\n"))
     assert recipe.model.name == "tiny-bert"
     assert recipe.shapes.batch == (1, 2, 4) and recipe.shapes.extent == (1, 16, 32)
-    assert recipe.shapes.profile("max") == (4, 32)
+    assert validation_shapes(recipe.shapes) == {"opt": (2, 16), "min": (1, 1), "max-batch": (4, 8),
+                                                "max-sequence": (2, 32)}
     assert recipe.validate.tolerance.for_output("last_hidden_state") == (1e-3, 0.5)
     assert recipe.validate.tolerance.for_output("other") == (1e-3, 1e-3)
     assert recipe.fp16.enabled and "LayerNormalization" in recipe.fp16.keep_fp32_ops

@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 a parity gate or a verification failed (reports are stil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -17,13 +18,34 @@ import click
 
 from trtforge import __version__
 from trtforge.errors import TrtforgeError
+from trtforge.text import printable
 
 DEFAULT_OUT = Path("engines")
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+# What each file-system refusal means for the user, by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or choose another --out",
+    errno.EDQUOT: "free some space or choose another --out",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f); free space or raise the limit",
+    errno.EACCES: "choose a writable --out",
+    errno.EPERM: "choose a writable --out",
+    errno.EROFS: "choose an --out on a writable file system",
+    errno.ELOOP: "a symbolic link in the path points back at itself; fix the link or choose another --out",
+    errno.ENOTDIR: "a part of the path is a regular file; choose another --out",
+    errno.EEXIST: "a file is in the way; move it or choose another --out",
+    errno.ENAMETOOLONG: "use a shorter --out or [model] name",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}; {_OS_FIXES.get(e.errno or 0, 'check the path and its permissions')}"
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,6 +59,10 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if verbose:
                 traceback.print_exc()
             _fail(str(e), e.exit_code)
+        except OSError as e:  # the disk or the file system said no: bad environment, not a trtforge bug
+            if verbose:
+                traceback.print_exc()
+            _fail(os_error_message(e), 2)
         except KeyboardInterrupt:
             _fail("interrupted; the published artifact is unchanged (partial work was discarded)", 130)
 
@@ -69,10 +95,16 @@ def main() -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_OUT,
               show_default=True, help="Output root; the artifact goes to OUT/<model.name>/.")
 @click.option("--force", is_flag=True, help="Rebuild every stage, ignoring the cache.")
+@click.option("--publish-failed", is_flag=True,
+              help="Publish a build that fails its gates in place of a passing artifact (default: beside it, "
+                   "as OUT/<name>.failed).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=1800, show_default=True,
+              help="Seconds to wait for another build of the same artifact before giving up.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @_common
 @guarded
-def build(recipe: Path, out_dir: Path, force: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
+def build(recipe: Path, out_dir: Path, force: bool, publish_failed: bool, wait_s: float, as_json: bool,
+          quiet: bool, verbose: bool) -> None:
     """Build the artifact described by RECIPE (a TOML file; see README.md).
 
     Stages are cached: an unchanged recipe does nothing, a changed tolerance re-runs only validation.
@@ -86,20 +118,47 @@ def build(recipe: Path, out_dir: Path, force: bool, as_json: bool, quiet: bool, 
     parsed = load_recipe(recipe)
     command = ["trtforge", "build", str(recipe), "--out", str(out_dir)]
     result = Build(parsed, out_dir, force=force, progress=Progress(quiet=quiet, verbose=verbose),
-                   command=command).run()
+                   command=command, wait_s=wait_s, publish_failed=publish_failed).run()
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2, default=str))
     sys.exit(0 if result.passed else 1)
 
 
-def _ints(value: str) -> tuple[int, ...]:
+def _ints(value: str, option: str) -> tuple[int, ...]:
     try:
         numbers = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,32,128, got {value!r}") from None
+        raise click.BadParameter(f"expected comma-separated integers such as 1,32,128, got {value!r}",
+                                 param_hint=option) from None
     if not numbers or min(numbers) < 1:
-        raise click.BadParameter(f"expected positive integers such as 1,32,128, got {value!r}")
+        raise click.BadParameter(f"expected positive integers such as 1,32,128, got {value!r}", param_hint=option)
     return numbers
+
+
+BASELINES = ("ddp", "dataparallel", "compile")
+
+
+def _baselines(value: str) -> tuple[str, ...]:
+    names = tuple(b.strip() for b in value.split(",") if b.strip())
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise click.BadParameter(f"unknown baseline {unknown[0]!r}; use any of {', '.join(BASELINES)}",
+                                 param_hint="--baselines")
+    return names
+
+
+def refuse_foreign_bench_dir(path: Path) -> None:
+    """Bench results go into a directory of their own: refuse one that holds anything else."""
+    from trtforge.errors import ArtifactError
+    from trtforge.runtime.bench import BENCH_FILES
+
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ArtifactError(f"{path} is in the way of the bench results; move it or pass --results DIR")
+    if path.is_dir():
+        foreign = [p.name for p in path.iterdir() if p.name not in BENCH_FILES]
+        if foreign:
+            raise ArtifactError(f"{path} holds {foreign[0]!r}, which trtforge bench did not write; it writes only "
+                                "into its own results directory: move it, or pass --results DIR")
 
 
 @main.command()
@@ -137,17 +196,20 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
 
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Every option is checked before the (possibly long) build.
+    config = BenchConfig(batches=_ints(batches, "--batches"), sequence=sequence, iterations=iterations,
+                         warmup=warmup, device_counts=_ints(device_counts, "--devices") if device_counts else None,
+                         cpu_workers=cpu_workers, outputs=outputs, text=text, backend=backend,
+                         baselines=_baselines(baselines))
     parsed = load_recipe(recipe)
+    bench_dir = results or out_dir / f"{parsed.model.name}.bench"
+    refuse_foreign_bench_dir(bench_dir)
     progress = Progress(quiet=quiet, verbose=verbose)
     built = Build(parsed, out_dir, progress=progress).run()
     if not built.passed:
         _fail(f"{built.artifact} failed its parity gates; fix the build before benchmarking it", 1)
-    config = BenchConfig(batches=_ints(batches), sequence=sequence, iterations=iterations, warmup=warmup,
-                         device_counts=_ints(device_counts) if device_counts else None, cpu_workers=cpu_workers,
-                         outputs=outputs, text=text, backend=backend,
-                         baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()))
     report = run_bench(parsed, built.artifact, config, progress)
-    written = write_report(report, results or out_dir / f"{parsed.model.name}.bench")
+    written = write_report(report, bench_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     elif not quiet:
@@ -177,27 +239,38 @@ def inspect(artifact: Path, as_json: bool, quiet: bool, verbose: bool) -> None:
 
 
 def _summary(artifact: Path, manifest: dict[str, Any], problems: list[str]) -> str:
+    """What `inspect` prints. Every value comes from the manifest, so each line is made printable and
+    a field of an unexpected shape reads as such instead of failing."""
+    from trtforge.store import MANIFEST, sha256_file
+
+    def line(label: str, render: Callable[[], str]) -> str:
+        try:
+            return printable(f"  {label:<9} {render()}")
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return f"  {label:<9} (unreadable in this manifest)"
+
     parity = manifest["parity"]
     lines = [
-        f"{manifest['name']}  ({artifact})",
-        f"  model     {manifest['model']['source']}  [{manifest['model']['task']}]",
-        f"  built     {manifest['created']} with trtforge {manifest['versions'].get('trtforge')}, "
-        f"torch {manifest['versions'].get('torch')}, onnxruntime {manifest['versions'].get('onnxruntime')}",
-        "  shapes    " + ", ".join(f"{k} {v}" for k, v in manifest["shapes"].items()),
-        "  inputs    " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("inputs", [])),
-        "  outputs   " + ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("outputs", [])),
-        "  stages    " + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()),
-        f"  parity    {'PASSED' if parity['passed'] else 'FAILED'}: "
-        + ", ".join(f"{r['stage']} {'pass' if r['passed'] else ('FAIL' if r['checked'] else 'not checked')}"
-                    for r in parity["results"]),
+        printable(f"{manifest['name']}  ({artifact})"),
+        line("model", lambda: f"{manifest['model']['source']}  [{manifest['model']['task']}]"),
+        line("built", lambda: f"{manifest['created']} with trtforge {manifest['versions'].get('trtforge')}, "
+             f"torch {manifest['versions'].get('torch')}, onnxruntime {manifest['versions'].get('onnxruntime')}"),
+        line("shapes", lambda: ", ".join(f"{k} {v}" for k, v in manifest["shapes"].items())),
+        line("inputs", lambda: ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("inputs", []))),
+        line("outputs", lambda: ", ".join(f"{t['name']}:{t['dtype']}" for t in manifest["io"].get("outputs", []))),
+        line("stages", lambda: ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items())),
+        line("parity", lambda: f"{'PASSED' if parity['passed'] else 'FAILED'}: " + ", ".join(
+            f"{r['stage']} {'pass' if r['passed'] else ('FAIL' if r['checked'] else 'not checked')}"
+            for r in parity["results"])),
     ]
     if manifest.get("fp16"):
-        lines.append(f"  fp16      kept in FP32: ops {manifest['fp16']['kept_ops']}, "
-                     f"{len(manifest['fp16']['kept_nodes'])} nodes")
-    for engine in manifest.get("engines", []):
-        lines.append(f"  engine    {engine['backend']}/{engine['target']}: {engine['status']}")
-    lines.append(f"  files     {len(manifest['files'])} files, "
-                 + ("all sha256 verified" if not problems else f"{len(problems)} FAILED verification"))
-    lines.extend(f"    ! {p}" for p in problems)
-    lines.append(f"  reproduce {manifest['reproduce']}")
+        lines.append(line("fp16", lambda: f"kept in FP32: ops {manifest['fp16']['kept_ops']}, "
+                          f"{len(manifest['fp16']['kept_nodes'])} nodes"))
+    for engine in manifest["engines"]:
+        lines.append(line("engine", lambda e=engine: f"{e['backend']}/{e['target']}: {e['status']}"))
+    lines.append(line("files", lambda: f"{len(manifest['files'])} files, "
+                      + ("all sha256 verified" if not problems else f"{len(problems)} FAILED verification")))
+    lines.extend(printable(f"    ! {p}") for p in problems)
+    lines.append(line("manifest", lambda: f"sha256 {sha256_file(artifact / MANIFEST)} (pin this to trust the rest)"))
+    lines.append(line("reproduce", lambda: manifest["reproduce"]))
     return "\n".join(lines)

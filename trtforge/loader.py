@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from trtforge.backends.base import Engine, Target, backend
+from trtforge.backends import backend
+from trtforge.backends.base import Engine, Target
 from trtforge.devices import GpuInfo
 from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProblem, ShapeError
 from trtforge.store import read_manifest, verify_files
+from trtforge.text import printable
 
 USABLE = ("passed", "built-not-checked")
 
@@ -88,15 +90,45 @@ def load(artifact: str | Path, device: str = "cuda:0", *, backend_name: str | No
     if reason:
         raise EnvironmentProblem(f"cannot load {entry['backend']} engine: {reason}")
     installed = engine_backend.library_version()
-    if installed != entry["library_version"]:
-        raise CompatibilityError(
-            f"{entry['file']} was built with {entry['backend']} {entry['library_version']}, this machine has "
-            f"{installed}; rebuild it here with `{manifest['reproduce']} --force` or install that version")
-    problems = verify_files(artifact, manifest, only=[entry["file"]])
+    problem = version_problem(entry["backend"], str(entry.get("library_version")), installed)
+    if problem:
+        raise CompatibilityError(f"{entry['file']}: {problem}; rebuild it here with "
+                                 f"`{printable(manifest['reproduce'])} --force` or install that version")
+    # Every file of the engine's directory that the backend may open, not only the engine file.
+    problems = verify_files(artifact, manifest, only=[entry["dir"]])
     if problems:
         raise ArtifactError(f"{artifact}: {problems[0]}; the engine is corrupted or was modified, rebuild with "
-                            f"`{manifest['reproduce']} --force`")
+                            f"`{printable(manifest['reproduce'])} --force`")
     return ProfiledEngine(engine_backend.load(artifact / entry["dir"], entry, device), entry)
+
+
+def version_problem(backend_name: str, built: str, installed: str) -> str | None:
+    """The version policy (README, "Version policy"): None when an engine built with `built` may
+    run on `installed`, else what differs.
+
+    - TensorRT and TensorRT-RTX plans are tied to the exact library version that built them
+      (TensorRT's own rule for plans built without version compatibility): every field must match.
+    - onnxruntime engines are ONNX graphs (with ONNX Runtime contrib ops where fused): they run on
+      the same major version at the same or a newer minor version, which keeps every op and fusion
+      the build used; an older minor may lack them, a new major may drop them.
+    """
+    if backend_name in ("tensorrt", "tensorrt-rtx"):
+        if built != installed:
+            return f"built with {backend_name} {built}, this machine has {installed} (plans need the exact version)"
+        return None
+    b, i = _major_minor(built), _major_minor(installed)
+    if b is None or i is None or b[0] != i[0] or i[1] < b[1]:
+        return (f"built with onnxruntime {built}, this machine has {installed} (needs {b[0] if b else '?'}.x "
+                f"at or above {built})")
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def _device(device: str) -> GpuInfo | None:
@@ -117,9 +149,13 @@ def select(manifest: dict[str, Any], gpu: GpuInfo | None, *, backend_name: str |
     if not fits:
         where = "the CPU" if gpu is None else f"{gpu.name} (sm{gpu.compute_capability.replace('.', '')})"
         built = ", ".join(f"{e['backend']}/{e['target']} ({e['status']})" for e in entries) or "none"
-        raise CompatibilityError(
-            f"no engine in {manifest['name']} fits {where} on {device}; built: {built}. Rebuild on this machine "
-            f"with `{manifest['reproduce']}` (recipe [engines] backends/gpus/rtx_targets decide the targets)")
+        if gpu is None:
+            fix = ('add "onnxruntime-cpu" to the recipe\'s [engines] backends (e.g. backends = ["auto", '
+                   '"onnxruntime-cpu"]) and rebuild')
+        else:
+            fix = (f"rebuild on a machine with this GPU with `{printable(manifest['reproduce'])}` (the recipe's "
+                   "[engines] backends, gpus and rtx_targets decide the targets)")
+        raise CompatibilityError(f"no engine in {manifest['name']} fits {where} on {device}; built: {built}; {fix}")
     default = manifest.get("defaults", {}).get(gpu.model_key if gpu else "", {})
     return next((e for e in fits if e["backend"] == default.get("backend")), fits[0])
 

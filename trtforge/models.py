@@ -32,7 +32,7 @@ def source_fingerprint(spec: ModelSpec) -> dict[str, str]:
                           sort_keys=True)
         return {"kind": "random", "sha256": hashlib.sha256(blob.encode()).hexdigest()}
     if spec.local_dir is not None:
-        return {"kind": "local", "path": str(spec.local_dir), "sha256": hash_directory(spec.local_dir)}
+        return {"kind": "local", "sha256": hash_directory(spec.local_dir)}  # content, not where it lies
     return {"kind": "hub", "id": spec.source, "revision": _hub_revision(spec)}
 
 

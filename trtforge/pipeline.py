@@ -6,7 +6,9 @@ the cache is not run again; a build whose every key matches the published manife
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
 import platform
 import shlex
 import sys
@@ -15,11 +17,11 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from trtforge import __version__
 from trtforge.compare import ParityResult
-from trtforge.errors import TrtforgeError
+from trtforge.errors import EnvironmentProblem, TrtforgeError
 from trtforge.models import LoadedModel, source_fingerprint
 from trtforge.progress import Progress
 from trtforge.recipe import Recipe
@@ -29,7 +31,8 @@ from trtforge.stages.engines import entry as entry_for
 from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
-from trtforge.store import RESULT, SCHEMA, StageCache, key_of, publish, read_manifest, write_json_atomic
+from trtforge.store import (FAILED_SUFFIX, FILES, RESULT, SCHEMA, StageCache, key_of, publish, read_manifest,
+                            refuse_unowned, remove_leftovers, remove_owned, verify_files, write_json_atomic)
 
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
 
@@ -58,13 +61,16 @@ class BuildResult:
 
 class Build:
     def __init__(self, recipe: Recipe, out_dir: Path, *, force: bool = False, progress: Progress | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, wait_s: float = 1800.0, publish_failed: bool = False) -> None:
         self.recipe = recipe
         self.out_dir = out_dir
         self.artifact = out_dir / recipe.model.name
+        self.failed_artifact = out_dir / f"{recipe.model.name}{FAILED_SUFFIX}"
         self.force = force
+        self.wait_s = wait_s
+        self.publish_failed = publish_failed
         self.progress = progress or Progress(quiet=True)
-        self.cache = StageCache(out_dir, recipe.model.name)
+        self.cache = StageCache(out_dir, recipe.model.name, warn=lambda line: self.progress.line(f"  {line}"))
         self.command = command or ["trtforge", "build", str(recipe.path), "--out", str(out_dir)]
         self.stage_records: dict[str, dict[str, Any]] = {}
         self.engine_entries: list[dict[str, Any]] = []
@@ -130,20 +136,36 @@ class Build:
 
     # --- running ------------------------------------------------------------------------------------
     def run(self) -> BuildResult:
+        """Refuse bad input before writing anything; then, under the artifact's lock, reuse or run
+        each stage and publish the artifact (or, for a failed rebuild of a passing one, beside it)."""
+        from trtforge.preflight import preflight
+
         self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
-        self.build_key  # resolves the model source and the engine plan: fails before anything is written
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.cache.locked():
+        self.fingerprint  # finds the weights (or says where they are missing)
+        self.recipe = preflight(self.recipe)  # the model's config against the recipe: nothing written yet
+        self.build_key  # resolves the model source and the engine plan
+        refuse_unowned(self.artifact, self.recipe.model.name)
+        refuse_unowned(self.failed_artifact, self.recipe.model.name)
+        with _undo_if_refused(self.out_dir, self.cache.root), self.cache.locked(timeout_s=self.wait_s):
+            remove_leftovers(self.out_dir, self.recipe.model.name)
+            refuse_unowned(self.artifact, self.recipe.model.name)  # again: it may have changed while we waited
             if not self.force and (manifest := self._published_if_current()) is not None:
-                self.progress.line(f"  up to date: every stage matches {self.artifact / 'manifest.json'}; "
-                                   "nothing to do (--force rebuilds)")
+                self.progress.line(f"  up to date: every stage and every file's sha256 match "
+                                   f"{self.artifact / 'manifest.json'}; nothing to do (--force rebuilds)")
+                if not manifest["parity"]["passed"]:
+                    self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: "
+                                       f"{self.artifact / REPORT_FILES[1]})")
                 return BuildResult(self.artifact, manifest["parity"]["passed"], True, manifest)
             files, parity = self._run_stages()
-            manifest = self._package(files, parity)
+            published = self._package(files, parity)
             self.cache.prune(self.used_entries)
-        verdict = "PASSED" if manifest["parity"]["passed"] else "FAILED"
-        self.progress.line(f"{verdict}  {self.artifact}  (report: {self.artifact / REPORT_FILES[1]})")
-        return BuildResult(self.artifact, manifest["parity"]["passed"], False, manifest)
+        manifest = read_manifest(published)
+        passed = manifest["parity"]["passed"]
+        line = f"{'PASSED' if passed else 'FAILED'}  {published}  (report: {published / REPORT_FILES[1]})"
+        if published != self.artifact:
+            line += (f"; the passing artifact {self.artifact} was kept (--publish-failed replaces it)")
+        self.progress.line(line)
+        return BuildResult(published, passed, False, manifest)
 
     def _published_if_current(self) -> dict[str, Any] | None:
         try:
@@ -152,9 +174,21 @@ class Build:
             return None
         if manifest.get("build_key") != self.build_key:
             return None
-        complete = all((self.artifact / rel).is_file() and (self.artifact / rel).stat().st_size == f["size"]
-                       for rel, f in manifest["files"].items())
-        return manifest if complete else None
+        problems = verify_files(self.artifact, manifest)
+        if problems:
+            self.progress.line(f"  {self.artifact} fails verification ({problems[0]}); rebuilding it")
+            return None
+        return manifest
+
+    def _destination(self, passed: bool) -> Path:
+        """Where a finished build goes: its own name, unless it failed where a passing artifact stands."""
+        if passed or self.publish_failed:
+            return self.artifact
+        try:
+            previous = read_manifest(self.artifact)
+        except TrtforgeError:
+            return self.artifact
+        return self.failed_artifact if previous["parity"]["passed"] else self.artifact
 
     def _stage(self, name: str, doing: str, work: Callable[[Path], dict[str, Any]],
                summarize: Callable[[dict[str, Any]], str]) -> tuple[Path, dict[str, Any]]:
@@ -185,7 +219,7 @@ class Build:
 
         export_dir, _ = self._stage("export", "ONNX with dynamic axes",
                                     lambda d: stages.export(self, d), lambda r: f"{r['nodes']} nodes, opset {r['opset']}")
-        files.update(_files(export_dir))
+        files.update(self._cached_files("export"))
         fp32 = export_dir / "model.onnx"
 
         _, validated = self._stage("validate", "ONNX Runtime (CPU) against PyTorch FP32",
@@ -196,7 +230,7 @@ class Build:
             fp16_dir, fp16 = self._stage("fp16", "FP16 graph, checked against PyTorch FP32",
                                          lambda d: stages.fp16(self, fp32, d),
                                          lambda r: f"{_parity_summary(r)}, {len(r['kept_nodes'])} nodes kept in FP32")
-            files.update(_files(fp16_dir))
+            files.update(self._cached_files("fp16"))
             parity.append(("fp16", ParityResult.from_dict(fp16["parity"])))
             self.fp16_result = fp16
             engine_files, engine_parity = self._run_engines(fp32, fp16_dir / "model.fp16.onnx")
@@ -204,12 +238,20 @@ class Build:
             parity.extend(engine_parity)
         return files, parity
 
-    def _run_engines(self, fp32: Path, fp16: Path) -> tuple[dict[str, Path], list[tuple[str, ParityResult]]]:
+    def _cached_files(self, stage: str, key: str | None = None, prefix: str = "") -> dict[str, tuple[Path, str]]:
+        """A cache entry's files (but its records), each with the sha256 recorded when it was cached."""
+        key = key or self.keys[stage]
+        entry = self.cache.path(stage, key)
+        return {f"{prefix}{rel}": (entry / rel, record["sha256"]) for rel, record in self.cache.records(stage, key).items()
+                if rel not in (RESULT, "job.json")}
+
+    def _run_engines(self, fp32: Path, fp16: Path) -> tuple[dict[str, tuple[Path, str | None]], list[tuple[str, ParityResult]]]:
         planned, self.skipped_backends = self.engine_plan
         for skipped in self.skipped_backends:
             self.progress.line(f"  {'engines':<10} skipped: {skipped['reason']}")
         results: dict[str, dict[str, Any]] = {}
         todo = []
+        failed_scratch: dict[str, Path] = {}
         for p in planned:
             self.used_entries.add(self.cache.path(p.stage, p.key).name)
             cached = None if self.force else self.cache.lookup(p.stage, p.key)
@@ -226,14 +268,15 @@ class Build:
                 for p, scratch in jobs:
                     result = fresh[p.stage]
                     result["status"] = engine_outcome(p, result)[0]
-                    if "error" in result:  # not cached: a failed build is retried next time
+                    if "error" in result:  # not cached: a failed build is retried next time; its logs ship
                         results[p.stage] = result
+                        failed_scratch[p.stage] = scratch
                         continue
                     write_json_atomic(scratch / RESULT, result)
                     results[p.stage] = result
                     self.cache.commit(p.stage, p.key, scratch)
                 outcome["summary"] = ", ".join(f"{p.relative_dir} {results[p.stage]['status']}" for p in todo)
-        files: dict[str, Path] = {}
+        files: dict[str, tuple[Path, str | None]] = {}
         parity = []
         for p in planned:
             entry, result_parity = entry_for(self, p, results[p.stage])
@@ -241,33 +284,47 @@ class Build:
             self.stage_records[p.stage] = {"status": entry["status"], "key": p.key,
                                            "duration_s": entry["build"].get("build_seconds"), "cached": p not in todo}
             parity.append((f"engine {p.relative_dir}", result_parity))
-            cache_dir = self.cache.path(p.stage, p.key)
-            if cache_dir.is_dir():
-                files.update({f"{p.relative_dir}/{f.name}": f for f in sorted(cache_dir.iterdir())
-                              if f.is_file() and f.name not in (RESULT, "job.json")})
+            if p.stage in failed_scratch:  # this build's logs, never an earlier build's engine
+                scratch = failed_scratch[p.stage]
+                files.update({f"{p.relative_dir}/{f.name}": (f, None) for f in sorted(scratch.iterdir())
+                              if f.is_file() and f.name not in (RESULT, "job.json", "result.json")})
+            else:
+                files.update(self._cached_files(p.stage, p.key, prefix=f"{p.relative_dir}/"))
         return files, parity
 
-    def _package(self, files: dict[str, Path], parity_results: list[tuple[str, ParityResult]]) -> dict[str, Any]:
+    def _package(self, files: dict[str, tuple[Path, str | None]],
+                 parity_results: list[tuple[str, ParityResult]]) -> Path:
         with self.progress.stage("package", "manifest, reports, hashes") as outcome:
             parity = parity_section(parity_results)
             recipe_text = self.recipe.path.read_text()
-            manifest = self._manifest(parity)
-            context = {"model": self.recipe.model.source, "task": self.recipe.model.task,
+            manifest = self._manifest(parity, files)
+            context = {"model": self.source_as_written, "task": self.recipe.model.task,
                        "built": manifest["created"], "reproduce": manifest["reproduce"]}
             texts = {"recipe.toml": recipe_text, **render_reports(self.recipe.model.name, parity, context)}
-            publish(self.out_dir, self.recipe.model.name, files, texts, manifest)
+            destination = self._destination(parity["passed"])
+            published = publish(self.out_dir, self.recipe.model.name, files, texts, manifest,
+                                directory=destination.name)
+            if destination == self.artifact:
+                remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded
             outcome["summary"] = f"{len(manifest['files'])} files, parity {'passed' if parity['passed'] else 'FAILED'}"
-        return manifest
+        return published
 
-    def _manifest(self, parity: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def source_as_written(self) -> str:
+        """The model source as the recipe gives it (no path of the build machine)."""
+        return str(self.recipe.raw["model"]["source"])
+
+    def _manifest(self, parity: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
         fp16 = self.fp16_result
         return {
             "schema": SCHEMA,
             "name": self.recipe.model.name,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "build_key": self.build_key,
-            "recipe": {"path": str(self.recipe.path), "sha256": self.recipe.hash, "content": self.recipe.raw},
-            "model": {"source": self.recipe.model.source, "task": self.recipe.model.task,
+            "roles": self._roles(files),
+            "onnx": {"opset": self.recipe.export.opset, "exporter": self.recipe.export.exporter},
+            "recipe": {"file": self.recipe.path.name, "sha256": self.recipe.hash, "content": self.recipe.raw},
+            "model": {"source": self.source_as_written, "task": self.recipe.model.task,
                       "architecture": self.recipe.model.architecture, "fingerprint": self.fingerprint,
                       "class": self.export_result().get("model_class")},
             "versions": self.versions,
@@ -285,6 +342,13 @@ class Build:
             "reproduce": self.reproduce,
         }
 
+    def _roles(self, files: dict[str, Any]) -> dict[str, str]:
+        """Which file is which, for consumers that do not want to guess from names."""
+        roles = {"onnx-fp32": "model.onnx", "onnx-fp16": "model.fp16.onnx", "recipe": "recipe.toml",
+                 "report-json": REPORT_FILES[0], "report-markdown": REPORT_FILES[1], "report-junit": REPORT_FILES[2]}
+        roles.update({f"engine:{e['backend']}/{e['target']}": e["file"] for e in self.engine_entries})
+        return {role: rel for role, rel in roles.items() if rel in files or rel in ("recipe.toml", *REPORT_FILES)}
+
     @property
     def reproduce(self) -> str:
         return shlex.join(self.command)
@@ -293,8 +357,28 @@ class Build:
         return self.cache.lookup("export", self.keys["export"]) or {}
 
 
-def _files(stage_dir: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(stage_dir.iterdir()) if p.is_file() and p.name != RESULT}
+@contextlib.contextmanager
+def _undo_if_refused(out_dir: Path, cache_root: Path) -> Iterator[None]:
+    """Create `out_dir` and the artifact's cache directory for a build, turning what the file
+    system refuses into one line; if the build is then refused (exit 2) before any stage is cached,
+    remove what was created here, so that a refusal leaves nothing behind."""
+    chain = [cache_root, cache_root.parent, out_dir, *out_dir.parents]
+    created = [p for p in chain if not p.exists()]
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EnvironmentProblem(f"cannot create the output directory {out_dir}: {e.strerror}; "
+                                 "choose a writable --out") from None
+    try:
+        yield
+    except TrtforgeError as e:
+        only_lock = all(p.name == "lock" for p in cache_root.rglob("*") if not p.is_dir())
+        if e.exit_code == 2 and cache_root in created and only_lock:
+            shutil.rmtree(cache_root, ignore_errors=True)
+            for path in created[1:]:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only if empty
+        raise
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:

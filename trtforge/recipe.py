@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from trtforge.errors import RecipeError
 from trtforge.schema import Section
+from trtforge.tasks import task_spec
 
 Task = Literal[
     "feature-extraction",
@@ -32,7 +33,14 @@ HARDWARE_COMPATIBILITY = ("none", "ampere+", "same-compute-capability")
 # TensorRT-RTX ahead-of-time targets (its ComputeCapability enum; SM90 is not among them).
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 PACKAGE_PREFIX = "package:"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+# An artifact name is one path component that starts with a letter or digit, so that it can never be
+# ".", "..", ".trtforge" (the stage cache) or a ".tmp-" name (work in progress).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100  # leaves room for ".tmp-<name>.<id>" and "<name>.bench" within a 255-byte file name
+# Directories trtforge writes beside OUT/<name>: a failed rebuild kept apart, and bench results.
+RESERVED_SUFFIXES = (".failed", ".bench")
+SEED_MAX = 2**32 - 1
+MAX_FALLBACK_ROUNDS = 64
 
 Range = tuple[int, int, int]
 
@@ -75,15 +83,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Shapes:
-    """Dynamic dimensions as (min, opt, max). `extent` is the sequence length or the image size."""
+    """Dynamic dimensions as (min, opt, max). `extent` is the sequence length or the image size
+    (None until the model's config supplies an image size the recipe left out: see preflight)."""
 
     batch: Range
     extent: Range
     extent_name: Literal["sequence", "image"]
-
-    def profile(self, which: Literal["min", "opt", "max"]) -> tuple[int, int]:
-        i = ("min", "opt", "max").index(which)
-        return self.batch[i], self.extent[i]
 
 
 @dataclass(frozen=True)
@@ -147,18 +152,28 @@ class Recipe:
         return data
 
 
+# Upper limits of the shape axes: far above any real engine profile, far below sizes that would make
+# validation allocate more memory than a machine has (the model's own limits are checked in preflight).
+AXIS_LIMITS = {"batch": 65536, "sequence": 1 << 20, "image": 8192}
+
+
 def _range(section: Section, key: str, default: Any = ...) -> Range:
     value = section.get(key, list, default, hint=f"write `{key} = [min, opt, max]`")
+    if value is None:
+        return None  # type: ignore[return-value]
     if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise section.error(key, f"expected three integers [min, opt, max], got {value!r}",
                             f"write `{key} = [min, opt, max]`")
     lo, opt, hi = value
     if not 1 <= lo <= opt <= hi:
         raise section.error(key, f"needs 1 <= min <= opt <= max, got {value!r}", "reorder or fix the values")
+    limit = AXIS_LIMITS[key]
+    if hi > limit:
+        raise section.error(key, f"max {hi} is above the limit of {limit}", f"use a max of at most {limit}")
     return lo, opt, hi
 
 
-def _tolerance(section: Section | None, default: Tolerance) -> Tolerance:
+def _tolerance(section: Section | None, default: Tolerance, outputs_of_task: tuple[str, ...]) -> Tolerance:
     if section is None:
         return default
     atol = section.get("atol", float, default.atol)
@@ -175,6 +190,8 @@ def _tolerance(section: Section | None, default: Tolerance) -> Tolerance:
     per_output = section.sub("outputs")
     if per_output is not None:
         for out_name in per_output.table:
+            if out_name not in outputs_of_task:
+                raise per_output.error(out_name, "no such output", f"this task's outputs are: {', '.join(outputs_of_task)}")
             per_output.used.add(out_name)
             one = Section(section.path, f"{per_output.name}.{out_name}", per_output.table[out_name])
             outputs[out_name] = (one.get("atol", float, atol), one.get("rtol", float, rtol))
@@ -186,9 +203,14 @@ def _tolerance(section: Section | None, default: Tolerance) -> Tolerance:
 
 def _model(path: Path, section: Section) -> ModelSpec:
     name = section.get("name", str)
-    if not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise section.error("name", f"{name!r} is not a plain artifact name",
+    if not NAME_PATTERN.fullmatch(name):
+        raise section.error("name", f"{name!r} is not a plain artifact name", "start with a letter or digit and "
                             "use only letters, digits, '.', '_' and '-' (no path separators)")
+    if len(name) > NAME_MAX:
+        raise section.error("name", f"is {len(name)} characters long, the limit is {NAME_MAX}", "use a shorter name")
+    if name.endswith(RESERVED_SUFFIXES):
+        raise section.error("name", f"{name!r} ends with a suffix trtforge reserves ({', '.join(RESERVED_SUFFIXES)})",
+                            "choose a name without it")
     task = section.get("task", str, hint=f"set task to one of: {', '.join(TASKS)}")
     if task not in TASKS:
         raise section.error("task", f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
@@ -199,7 +221,7 @@ def _model(path: Path, section: Section) -> ModelSpec:
         name=name, source=source, task=task, architecture=architecture, config=config,
         revision=section.get("revision", str, None),
         trust_remote_code=section.get("trust_remote_code", bool, False),
-        seed=section.get("seed", int, 0),
+        seed=section.integer("seed", 0, 0, SEED_MAX),
     )
     if spec.is_random:
         if architecture is None:
@@ -266,7 +288,7 @@ def _profiles(section: Section, extent_name: str) -> tuple[dict[str, Range], ...
     return tuple(profiles)
 
 
-def _engines(path: Path, section: Section | None, extent_name: str) -> EngineSpec:
+def _engines(path: Path, section: Section | None, extent_name: str, outputs: tuple[str, ...]) -> EngineSpec:
     default = EngineSpec()
     if section is None:
         return default
@@ -274,9 +296,8 @@ def _engines(path: Path, section: Section | None, extent_name: str) -> EngineSpe
     for b in backends:
         if b != "auto" and b not in BACKENDS:
             raise section.error("backends", f"unknown backend {b!r}", f"use auto or any of: {', '.join(BACKENDS)}")
-    if "auto" in backends and len(backends) > 1:
-        raise section.error("backends", '"auto" cannot be combined with named backends',
-                            'write backends = ["auto"] or list the backends')
+    if len(set(backends)) != len(backends):
+        raise section.error("backends", f"lists a backend twice: {backends!r}", "name each backend once")
     gpus = section.get("gpus", (str, list), "all")
     if isinstance(gpus, str) and gpus != "all":
         raise section.error("gpus", f"expected \"all\" or a list of indices, got {gpus!r}", 'write gpus = "all" or [0, 1]')
@@ -284,7 +305,13 @@ def _engines(path: Path, section: Section | None, extent_name: str) -> EngineSpe
         if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
             raise section.error("gpus", f"expected GPU indices, got {gpus!r}", "write e.g. gpus = [0, 1]")
         gpus = tuple(gpus)
-    targets = tuple(t.lower() for t in section.get("rtx_targets", list, []))
+    raw_targets = section.get("rtx_targets", list, [])
+    if not all(isinstance(t, str) for t in raw_targets):
+        raise section.error("rtx_targets", f"expected a list of strings, got {raw_targets!r}",
+                            f"write e.g. rtx_targets = [\"sm89\"] (any of: {', '.join(RTX_TARGETS)})")
+    targets = tuple(t.lower() for t in raw_targets)
+    if len(set(targets)) != len(targets):
+        raise section.error("rtx_targets", f"lists a target twice: {raw_targets!r}", "name each target once")
     for t in targets:
         if t not in RTX_TARGETS:
             raise section.error("rtx_targets", f"unknown TensorRT-RTX target {t!r}",
@@ -293,14 +320,12 @@ def _engines(path: Path, section: Section | None, extent_name: str) -> EngineSpe
     if hwc not in HARDWARE_COMPATIBILITY:
         raise section.error("hardware_compatibility", f"unknown level {hwc!r}",
                             f"use one of: {', '.join(HARDWARE_COMPATIBILITY)}")
-    level = section.get("builder_optimization_level", int, 3)
-    if not 0 <= level <= 5:
-        raise section.error("builder_optimization_level", f"must be 0..5, got {level}", "use 0..5 (3 is the default)")
+    level = section.integer("builder_optimization_level", 3, 0, 5, hint="use 0..5 (3 is the default)")
     spec = EngineSpec(
         backends=tuple(backends), gpus=gpus, rtx_targets=targets, hardware_compatibility=hwc,
         builder_optimization_level=level, cuda_graph=section.get("cuda_graph", bool, True),
         extra_profiles=_profiles(section, extent_name),
-        tolerance=_tolerance(section.sub("check"), default.tolerance),
+        tolerance=_tolerance(section.sub("check"), default.tolerance, outputs),
     )
     section.finish()
     return spec
@@ -323,6 +348,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     if model_section is None:
         raise RecipeError(path, "model", "missing section", "add a [model] section with name, source and task")
     model = _model(path, model_section)
+    outputs = tuple(t.name for t in task_spec(model.task).outputs)
 
     shapes_section = root.sub("shapes")
     if shapes_section is None:
@@ -331,8 +357,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     wrong = "sequence" if extent_name == "image" else "image"
     if wrong in shapes_section.table:
         raise shapes_section.error(wrong, f"task {model.task} has no {wrong} axis", f"use `{extent_name} = [min, opt, max]`")
+    # An image model's size comes from its config when the recipe does not give it (see preflight).
     shapes = Shapes(batch=_range(shapes_section, "batch"),
-                    extent=_range(shapes_section, extent_name, (224, 224, 224) if extent_name == "image" else ...),
+                    extent=_range(shapes_section, extent_name, None if extent_name == "image" else ...),
                     extent_name=extent_name)
     shapes_section.finish()
 
@@ -342,18 +369,15 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         exporter = export_section.get("exporter", str, "torchscript")
         if exporter not in ("torchscript", "dynamo"):
             raise export_section.error("exporter", f"unknown exporter {exporter!r}", "use torchscript or dynamo")
-        opset = export_section.get("opset", int, 17)
-        if not 17 <= opset <= 21:
-            raise export_section.error("opset", f"opset {opset} unsupported",
-                                       "use 17..21 (17 is the first with LayerNormalization)")
+        opset = export_section.integer("opset", 17, 17, 21, hint="use 17..21 (17 is the first with LayerNormalization)")
         export = ExportSpec(opset=opset, exporter=exporter)
         export_section.finish()
 
     validate_section = root.sub("validate")
     validate = ValidateSpec(tolerance=Tolerance(atol=1e-4, rtol=1e-3))
     if validate_section is not None:
-        seed = validate_section.get("seed", int, 0)
-        validate = ValidateSpec(tolerance=_tolerance(validate_section, validate.tolerance), seed=seed)
+        seed = validate_section.integer("seed", 0, 0, SEED_MAX)
+        validate = ValidateSpec(tolerance=_tolerance(validate_section, validate.tolerance, outputs), seed=seed)
 
     fp16_section = root.sub("fp16")
     fp16 = FP16Spec()
@@ -364,11 +388,12 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         fp16 = FP16Spec(
             enabled=fp16_section.get("enabled", bool, True),
             keep_fp32_ops=tuple(keep),
-            max_fallback_rounds=fp16_section.get("max_fallback_rounds", int, fp16.max_fallback_rounds),
-            tolerance=_tolerance(fp16_section, fp16.tolerance),
+            max_fallback_rounds=fp16_section.integer("max_fallback_rounds", fp16.max_fallback_rounds, 0,
+                                                     MAX_FALLBACK_ROUNDS),
+            tolerance=_tolerance(fp16_section, fp16.tolerance, outputs),
         )
 
-    engines = _engines(path, root.sub("engines"), extent_name)
+    engines = _engines(path, root.sub("engines"), extent_name, outputs)
     root.finish()
     return Recipe(path=path, model=model, shapes=shapes, export=export, validate=validate, fp16=fp16,
                   engines=engines, raw=raw)

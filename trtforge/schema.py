@@ -5,6 +5,7 @@ Every problem becomes a RecipeError that names the file, the dotted key and the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,15 @@ class Section:
         if not isinstance(value, kinds):
             raise self.error(key, f"expected {kind_names(kinds)}, got {type(value).__name__} {value!r}",
                              hint or "fix its type")
+        if isinstance(value, float) and not math.isfinite(value):  # nan or inf would disable a gate
+            raise self.error(key, f"must be a finite number, got {value}", hint or "use a finite number")
+        return value
+
+    def integer(self, key: str, default: Any, lo: int, hi: int, *, hint: str = "") -> int:
+        """An integer within [lo, hi]; the message names the key, the value and the limits."""
+        value = self.get(key, int, default, hint=hint)
+        if not lo <= value <= hi:
+            raise self.error(key, f"{value} is outside [{lo}, {hi}]", hint or f"use a value from {lo} to {hi}")
         return value
 
     def sub(self, key: str) -> Section | None:

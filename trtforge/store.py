@@ -2,35 +2,57 @@
 
 Layout under the output directory DIR:
 
-    DIR/<name>/                  the artifact; complete whenever it exists (swapped in by rename)
+    DIR/<name>/                  the artifact; complete whenever it exists (swapped in atomically)
         manifest.json            written last; lists every file with its size and sha256
+    DIR/<name>.failed/           a failed rebuild, kept beside a passing artifact instead of replacing it
     DIR/.trtforge/<name>/        the stage cache: one directory per stage and input key
-        <stage>-<key>/           created under a temporary name, renamed into place when complete
-        lock                     held by a build of <name> from start to end
+        <stage>-<key>/           created under a temporary name, renamed into place when complete;
+            files.json           size and sha256 of every file in it, verified before each reuse
+        lock                     held by a build of <name> from start to end (says who holds it)
 
-A build killed at any point leaves either the previous artifact or the new one, never a mix, and
-at worst a temporary directory that the next build removes.
+What trtforge owns, and so may replace or delete: DIR/.trtforge/<name>/, and DIR/<name> (or
+DIR/<name>.failed) only when it is a trtforge artifact of that name (or an empty directory).
+Anything else in its way is refused, never removed. Temporary names are `.tmp-<name>.<8 hex>` in DIR
+and `.tmp-*` inside the cache; the next build of <name> removes leftovers of a killed one.
+
+Integrity: artifact files are copies (never links into the cache) whose sha256 is checked against
+the cache's record as they are copied; "up to date" means every file matches the manifest; a cache
+entry that fails its record is dropped and rebuilt, never re-blessed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
+import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from trtforge.errors import ArtifactError
+from trtforge.errors import ArtifactError, TrtforgeError
 
 MANIFEST = "manifest.json"
-SCHEMA = "trtforge.manifest/1"
+SCHEMA = "trtforge.manifest/2"
+SCHEMA_FAMILY = "trtforge.manifest/"
 RESULT = "stage.json"
+FILES = "files.json"
 TMP_PREFIX = ".tmp-"
+FAILED_SUFFIX = ".failed"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BusyError(TrtforgeError):
+    """Another build holds the artifact's lock for longer than we were asked to wait."""
 
 
 def sha256_file(path: Path) -> str:
@@ -52,34 +74,84 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def file_records(directory: Path, *, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every regular file under `directory`, by POSIX path relative to it."""
+    records = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(directory).as_posix()
+        if rel not in skip:
+            records[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return records
+
+
 class StageCache:
     """Completed stage outputs, keyed by a hash of everything that determines them."""
 
-    def __init__(self, out_dir: Path, name: str) -> None:
+    def __init__(self, out_dir: Path, name: str, *, warn: Callable[[str], None] = lambda line: None) -> None:
         self.root = out_dir / ".trtforge" / name
+        self.name = name
+        self.warn = warn
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise builds of one artifact: a second build waits, then finds the first one's work."""
+    def locked(self, *, timeout_s: float = 1800.0) -> Iterator[None]:
+        """Serialise builds of one artifact: a second build says whom it waits for, waits at most
+        `timeout_s`, then finds the first one's work."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        path = self.root / "lock"
+        with path.open("a+") as lock:
+            if not _try_lock(lock):
+                holder = path.read_text().strip() or "another process"
+                self.warn(f"waiting for the build of {self.name} that holds {path} ({holder}); "
+                          f"giving up after {timeout_s:.0f} s")
+                deadline = time.monotonic() + timeout_s
+                while not _try_lock(lock):
+                    if time.monotonic() > deadline:
+                        raise BusyError(f"gave up after {timeout_s:.0f} s waiting for the build of {self.name} that "
+                                        f"holds {path} ({holder}); let it finish or stop it, or pass a longer --wait")
+                    time.sleep(0.2)
             try:
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"pid {os.getpid()}, since {dt.datetime.now().isoformat(timespec='seconds')}\n")
+                lock.flush()
                 self._remove_leftovers()
                 yield
             finally:
+                lock.seek(0)
+                lock.truncate()
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _remove_leftovers(self) -> None:
         for path in self.root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / f"{stage}-{key}"
 
     def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
-        result = self.path(stage, key) / RESULT
-        return json.loads(result.read_text()) if result.is_file() else None
+        """The stage's result if its entry exists and every file in it matches the entry's record;
+        an entry that does not is removed (and said), so that the stage runs again."""
+        entry = self.path(stage, key)
+        if not entry.is_dir():
+            return None
+        problems = self._verify(entry)
+        if problems:
+            self.warn(f"cache entry {entry.name} fails verification ({problems[0]}); rebuilding it")
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return json.loads((entry / RESULT).read_text())
+
+    @staticmethod
+    def _verify(entry: Path) -> list[str]:
+        try:
+            expected = json.loads((entry / FILES).read_text())
+        except (OSError, ValueError):
+            return [f"{FILES} missing or unreadable"]
+        if not isinstance(expected, dict) or RESULT not in expected:
+            return [f"{FILES} does not record {RESULT}"]
+        actual = set(file_records_names(entry)) - {FILES}
+        problems = [f"{rel}: not recorded" for rel in sorted(actual - set(expected))]
+        return problems + check_records(entry, expected)
 
     def scratch(self, stage: str, key: str) -> Path:
         """A new temporary directory for a stage's outputs (removed by the next build if abandoned)."""
@@ -88,12 +160,17 @@ class StageCache:
         return tmp
 
     def commit(self, stage: str, key: str, scratch: Path) -> Path:
-        """Make a completed scratch directory the stage's cache entry, atomically."""
+        """Record every file's size and sha256, then make the scratch directory the stage's cache
+        entry, atomically."""
+        write_json_atomic(scratch / FILES, file_records(scratch, skip=(FILES,)))
         final = self.path(stage, key)
         if final.exists():  # forced rebuild: replace the old entry
             shutil.rmtree(final)
         os.rename(scratch, final)
         return final
+
+    def records(self, stage: str, key: str) -> dict[str, dict[str, Any]]:
+        return json.loads((self.path(stage, key) / FILES).read_text())
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
@@ -112,84 +189,257 @@ class StageCache:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
 
 
-def publish(out_dir: Path, name: str, files: dict[str, Path], texts: dict[str, str],
-            manifest: dict[str, Any]) -> Path:
+def _try_lock(lock: Any) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def file_records_names(directory: Path) -> list[str]:
+    return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()]
+
+
+def check_records(root: Path, expected: dict[str, Any]) -> list[str]:
+    """One line per listed file that is missing, not a regular file inside `root`, or differs in
+    size or sha256."""
+    problems = []
+    resolved_root = root.resolve()
+    for rel, record in expected.items():
+        path = root / rel
+        try:
+            info = os.lstat(path)
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if not stat.S_ISREG(info.st_mode) or not path.resolve().is_relative_to(resolved_root):
+            problems.append(f"{rel}: not a regular file inside {root}")
+        elif info.st_size != record["size"]:
+            problems.append(f"{rel}: size {info.st_size} != {record['size']}")
+        elif sha256_file(path) != record["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems
+
+
+# --- the published artifact ---------------------------------------------------------------------------
+
+def owned(path: Path, name: str) -> bool:
+    """Whether trtforge may replace `path`: absent, an empty directory, or a trtforge artifact named `name`."""
+    if not os.path.lexists(path):
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith(SCHEMA_FAMILY)
+            and manifest.get("name") == name)
+
+
+def refuse_unowned(path: Path, name: str) -> None:
+    if not owned(path, name):
+        raise ArtifactError(f"{path} exists and is not a trtforge artifact named {name!r}; trtforge replaces only "
+                            "its own artifacts: move it away, or choose another [model] name or --out")
+
+
+def temporary_names(out_dir: Path, name: str) -> list[Path]:
+    """Leftovers of killed builds of `name` in `out_dir` (and only of `name`)."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}{re.escape(name)}(\.old)?\.[0-9a-f]{{8}}")
+    with contextlib.suppress(FileNotFoundError):
+        return [p for p in out_dir.iterdir() if pattern.fullmatch(p.name)]
+    return []
+
+
+def remove_leftovers(out_dir: Path, name: str) -> None:
+    for path in temporary_names(out_dir, name):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def publish(out_dir: Path, name: str, files: dict[str, tuple[Path, str | None]], texts: dict[str, str],
+            manifest: dict[str, Any], *, directory: str | None = None) -> Path:
     """Assemble the artifact beside its final place, then swap it in.
 
-    `files` maps artifact-relative paths to existing files (hard-linked where possible); `texts` are
-    written as given. The manifest gains the size and sha256 of every file and is written last.
+    `files` maps artifact-relative paths to (source file, its expected sha256 or None): each is
+    copied and the copy's sha256 checked against the expectation. `texts` are written as given. The
+    manifest gains the size and sha256 of every file and is written last. `directory` is the name
+    under `out_dir` (default: `name`).
     """
-    final = out_dir / name
-    staging = out_dir / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    final = out_dir / (directory or name)
+    refuse_unowned(final, name)
+    staging = out_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        for rel, source in files.items():
+        records = {}
+        for rel, (source, expected) in files.items():
             target = _inside(staging, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copy2(source, target)
+            shutil.copyfile(source, target)
+            digest = sha256_file(target)
+            if expected is not None and digest != expected:
+                raise ArtifactError(f"{source} changed since it was cached (sha256 {digest[:12]}... != recorded "
+                                    f"{expected[:12]}...); run the build again (the entry is rebuilt) or --force")
+            records[rel] = {"size": target.stat().st_size, "sha256": digest}
         for rel, text in texts.items():
             target = _inside(staging, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        manifest["files"] = {rel: {"size": (staging / rel).stat().st_size, "sha256": sha256_file(staging / rel)}
-                             for rel in sorted([*files, *texts])}
+            records[rel] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
+        manifest["files"] = dict(sorted(records.items()))
         write_json_atomic(staging / MANIFEST, manifest)
         _swap(staging, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def remove_owned(path: Path, name: str) -> None:
+    """Delete `path` if it is a trtforge artifact named `name` (a stale `<name>.failed`, say)."""
+    if os.path.lexists(path) and owned(path, name):
+        shutil.rmtree(path)
 
 
 def _inside(root: Path, rel: str) -> Path:
     """`root / rel`, refusing anything that would land outside `root`."""
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root.resolve()):
+    if not safe_relative(rel):
         raise ArtifactError(f"refusing to write {rel!r} outside the artifact directory")
     return root / rel
 
 
-def _swap(staging: Path, final: Path) -> None:
-    old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.rename(final, old)
-    try:
-        os.rename(staging, final)
-    except OSError as e:
-        if old.exists() and not final.exists():
-            os.rename(old, final)
-        raise ArtifactError(f"could not publish {final}: {e.strerror}") from None
-    shutil.rmtree(old, ignore_errors=True)
+def safe_relative(rel: Any) -> bool:
+    """A normalised relative POSIX path with no '..', '.' or empty parts."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return False
+    path = PurePosixPath(rel)
+    return not path.is_absolute() and path.as_posix() == rel and all(p not in ("", ".", "..") for p in path.parts)
 
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE): no instant without either."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a))
+
+
+def _swap(staging: Path, final: Path) -> None:
+    """Put `staging` at `final`. An existing `final` is exchanged with it atomically where the file
+    system allows (then removed); elsewhere it is renamed aside first, a window in which `final` is
+    absent that a killed build closes on its next run (the old copy is kept under a .tmp name)."""
+    if not os.path.lexists(final):
+        os.rename(staging, final)
+        return
+    try:
+        _exchange(staging, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise
+        old = final.with_name(f"{staging.name.rsplit('.', 1)[0]}.old.{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    shutil.rmtree(staging, ignore_errors=True)  # now holds the previous artifact
+
+
+# --- reading and verifying a manifest -------------------------------------------------------------------
 
 def read_manifest(artifact: Path) -> dict[str, Any]:
+    """The manifest of `artifact`, validated: every field that is used later has its type, and
+    every path is relative and inside the artifact. ArtifactError (exit 2) otherwise."""
+    if artifact.name.startswith(TMP_PREFIX):
+        raise ArtifactError(f"{artifact} is a temporary directory of an unfinished or killed build, not an artifact; "
+                            "the next build of that artifact removes it")
     path = artifact / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{artifact} is not a trtforge artifact (no {MANIFEST}); "
                             "build it with `trtforge build RECIPE`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not UTF-8 text; rebuild the artifact with `trtforge build RECIPE --force`") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild with `trtforge build RECIPE --force`") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(manifest).__name__}, not an object; "
+                            "rebuild with `trtforge build RECIPE --force`")
     if manifest.get("schema") != SCHEMA:
         raise ArtifactError(f"{path} has schema {manifest.get('schema')!r}, this trtforge reads {SCHEMA!r}; "
                             "rebuild it with this version")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ArtifactError(f"{path} is not a valid manifest: {problems[0]}"
+                            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                            "rebuild with `trtforge build RECIPE --force`")
     return manifest
 
 
-def verify_files(artifact: Path, manifest: dict[str, Any], only: list[str] | None = None) -> list[str]:
-    """Check every listed file's size and sha256; return one line per problem (empty when all match)."""
-    problems = []
-    for rel, expected in manifest["files"].items():
-        if only is not None and rel not in only:
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "created": str, "build_key": str, "files": dict, "parity": dict, "engines": list,
+    "defaults": dict, "io": dict, "shapes": dict, "stages": dict, "versions": dict, "model": dict,
+    "reproduce": str, "roles": dict,
+}
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """Why a manifest cannot be trusted, one line each (empty when it can)."""
+    from trtforge.backends import engine_file_of
+    from trtforge.recipe import BACKENDS
+
+    problems = [f"field {key!r} is missing or not {kind.__name__ if isinstance(kind, type) else kind}"
+                for key, kind in _FIELDS.items() if not isinstance(manifest.get(key), kind)]
+    if problems:
+        return problems
+    for rel, record in manifest["files"].items():
+        if not safe_relative(rel):
+            problems.append(f"files entry {rel!r} is not a relative path inside the artifact")
+        elif rel == MANIFEST:
+            problems.append(f"files lists {MANIFEST} itself")
+        elif not (isinstance(record, dict) and isinstance(record.get("size"), int) and record["size"] >= 0
+                  and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
+            problems.append(f"files entry {rel!r} needs a size and a sha256")
+    if not isinstance(manifest["parity"].get("passed"), bool):
+        problems.append("parity.passed is not a boolean")
+    for role, rel in manifest["roles"].items():
+        if not isinstance(rel, str) or rel not in manifest["files"]:
+            problems.append(f"role {role!r} names {rel!r}, which files does not list")
+    for i, engine in enumerate(manifest["engines"]):
+        if not isinstance(engine, dict) or engine.get("backend") not in BACKENDS:
+            problems.append(f"engines[{i}] has no known backend")
             continue
-        path = artifact / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{rel}: size {path.stat().st_size} != {expected['size']}")
-        elif sha256_file(path) != expected["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch")
+        target = engine.get("target")
+        expected_dir = f"engines/{engine['backend']}/{target}"
+        if not isinstance(target, str) or not safe_relative(target) or "/" in target:
+            problems.append(f"engines[{i}] target {target!r} is not a plain name")
+        elif engine.get("dir") != expected_dir:
+            problems.append(f"engines[{i}] dir {engine.get('dir')!r} is not {expected_dir!r}")
+        elif engine.get("file") != f"{expected_dir}/{engine_file_of(engine['backend'])}":
+            problems.append(f"engines[{i}] file {engine.get('file')!r} is not the {engine['backend']} engine "
+                            f"file of {expected_dir}")
+        elif engine.get("status") in ("passed", "built-not-checked") and engine["file"] not in manifest["files"]:
+            problems.append(f"engines[{i}] file {engine['file']!r} is not listed in files")
     return problems
+
+
+def verify_files(artifact: Path, manifest: dict[str, Any], only: list[str] | None = None) -> list[str]:
+    """Check every listed file (or those under the paths in `only`): a regular file inside the
+    artifact with the recorded size and sha256; and, for the whole artifact, that no file is there
+    that the manifest does not list. One line per problem (empty when all match)."""
+    listed = manifest["files"]
+    if only is None:
+        problems = check_records(artifact, listed)
+        extra = set(file_records_names(artifact)) - set(listed) - {MANIFEST}
+        return problems + [f"{rel}: not listed in the manifest" for rel in sorted(extra)]
+    chosen = {rel: r for rel, r in listed.items() if any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in only)}
+    return check_records(artifact, chosen)

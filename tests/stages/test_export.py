@@ -15,7 +15,7 @@ from trtforge.stages.export import export_onnx
 def test_export_has_dynamic_axes_and_matches_pytorch_at_two_shapes(tmp_path, write_recipe, arch):
     recipe = load_recipe(write_recipe(tiny_recipe_text(arch)))
     loaded = load_model(recipe.model)
-    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx", source="random")
 
     graph = onnx.load(str(path)).graph
     first = graph.input[0].type.tensor_type.shape.dim
@@ -38,7 +38,7 @@ def test_export_has_dynamic_axes_and_matches_pytorch_at_two_shapes(tmp_path, wri
 def test_dynamo_exporter_also_works(tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(tiny_recipe_text("bert", extra="[export]\nexporter = 'dynamo'\nopset = 18\n")))
     loaded = load_model(recipe.model)
-    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx", source="random")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = make_inputs(loaded, 3, 11, seed=0)
     np.testing.assert_allclose(session.run(None, feed)[0], loaded.run_torch(feed)["last_hidden_state"],

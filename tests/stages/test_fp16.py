@@ -22,7 +22,7 @@ def _ops_and_types(path):
 def test_fp16_graph_keeps_io_types_and_layernorm_in_fp32(tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(tiny_recipe_text("bert")))
     loaded = load_model(recipe.model)
-    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx", source="random")
     fp16 = convert(fp32, tmp_path / "model.fp16.onnx", keep_ops=("LayerNormalization",), keep_nodes=[])
     model, types = _ops_and_types(fp16)
     assert all(i.type.tensor_type.elem_type == TensorProto.INT64 for i in model.graph.input)
@@ -40,7 +40,7 @@ def test_fully_masked_rows_stay_finite_in_fp16(tmp_path, write_recipe):
     """HF masks add finfo(float32).min; as FP16 -inf a fully masked row becomes NaN. Clamped, it does not."""
     recipe = load_recipe(write_recipe(tiny_recipe_text("bert")))
     loaded = load_model(recipe.model)
-    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx")
+    fp32 = export_onnx(loaded, recipe.shapes, recipe.export, tmp_path / "model.onnx", source="random")
     fp16 = convert(fp32, tmp_path / "model.fp16.onnx", keep_ops=("LayerNormalization",), keep_nodes=[])
     feed = make_inputs(loaded, 2, 8, seed=0)
     feed["attention_mask"][1] = 0

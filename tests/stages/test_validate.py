@@ -19,7 +19,7 @@ def tiny_bert(tmp_path_factory):
     (tmp / "r.toml").write_text(tiny_recipe_text("bert"))
     recipe = load_recipe(tmp / "r.toml")
     loaded = load_model(recipe.model)
-    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp / "model.onnx")
+    path = export_onnx(loaded, recipe.shapes, recipe.export, tmp / "model.onnx", source="random")
     reference = Reference.from_model(loaded, profile_feeds(loaded, recipe.shapes, seed=0))
     return recipe, loaded, path, reference
 
@@ -28,12 +28,12 @@ def test_exported_graph_passes_at_min_opt_max(tiny_bert):
     recipe, _, path, reference = tiny_bert
     result = validate_onnx(path, reference, tolerance=recipe.validate.tolerance, name="onnx-fp32")
     assert result.passed
-    assert [o.shape_label for o in result.outputs] == ["min", "opt", "max"]
+    assert [o.shape_label for o in result.outputs] == ["opt", "min", "max-batch", "max-sequence"]
     for row in result.outputs:
         assert row.max_abs < 1e-4 and row.cosine > 0.99999 and row.nonfinite == 0
-    # Per-token outputs are compared at unpadded positions only: the max feed (4 x 32) is padded.
-    mask = reference.feeds["max"]["attention_mask"]
-    assert result.outputs[2].shape == (int(mask.sum()), 32) and mask.sum() < mask.size
+    # Per-token outputs are compared at unpadded positions only: the max-sequence feed (2 x 32) is padded.
+    mask = reference.feeds["max-sequence"]["attention_mask"]
+    assert result.outputs[3].shape == (int(mask.sum()), 32) and mask.sum() < mask.size
 
 
 def test_perturbed_weights_breach_the_gate(tiny_bert, tmp_path):

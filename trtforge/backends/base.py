@@ -110,22 +110,14 @@ class Backend(ABC):
     @abstractmethod
     def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...]) -> list[Target]: ...
 
+    # Variants of the engine that the worker builds, checks and times, keeping the fastest that
+    # passes; one unnamed variant for most backends.
+    candidates: tuple[str, ...] = ("",)
+
     @abstractmethod
-    def build(self, job: BuildJob, log: Any) -> dict[str, Any]:
-        """Write the engine into job.out_dir; return build metadata for the manifest."""
+    def build(self, job: BuildJob, log: Any, candidate: str = "") -> dict[str, Any]:
+        """Write the engine (of `candidate`, one of `candidates`) into job.out_dir; return build
+        metadata for the manifest."""
 
     @abstractmethod
     def load(self, engine_dir: Path, entry: dict[str, Any], device: str) -> Engine: ...
-
-
-def backend(name: str) -> Backend:
-    from trtforge.backends.onnxruntime import OnnxruntimeBackend
-    from trtforge.backends.tensorrt import TensorRTBackend
-
-    backends: dict[str, Backend] = {
-        "onnxruntime-cuda": OnnxruntimeBackend(provider="cuda"),
-        "onnxruntime-cpu": OnnxruntimeBackend(provider="cpu"),
-        "tensorrt": TensorRTBackend(module="tensorrt"),
-        "tensorrt-rtx": TensorRTBackend(module="tensorrt_rtx"),
-    }
-    return backends[name]

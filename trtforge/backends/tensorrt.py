@@ -58,7 +58,7 @@ class TensorRTBackend(Backend):
                        gpu=group[0].as_dict()) for key, group in distinct_models(gpus).items()]
 
     # --- build ---------------------------------------------------------------------------------------
-    def build(self, job: BuildJob, log: Any) -> dict[str, Any]:
+    def build(self, job: BuildJob, log: Any, candidate: str = "") -> dict[str, Any]:
         trt = self.trt()
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)

@@ -8,16 +8,20 @@ different GPUs run in parallel.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trtforge.backends.base import BuildJob, backend
+from trtforge.backends import backend
+from trtforge.backends.base import BuildJob
 from trtforge.compare import compare, function_runner
 from trtforge.recipe import Tolerance
 from trtforge.store import sha256_file
@@ -61,7 +65,8 @@ def check(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"parity": parity.as_dict(), "latency_ms": latency(engine, reference.feeds["opt"], device)}
 
 
-def latency(engine: Any, feed: dict[str, np.ndarray], device: str, runs: int = 50) -> dict[str, float]:
+def latency(engine: Any, feed: dict[str, np.ndarray], device: str, runs: int | None = None) -> dict[str, float]:
+    runs = runs or (15 if device == "cpu" else 50)  # CPU runs are long and steady; GPU ones short and noisy
     import torch
 
     inputs = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
@@ -90,16 +95,49 @@ def run(job_path: Path) -> dict[str, Any]:
     out = Path(job.out_dir)
     engine_backend = backend(job.backend)
     result: dict[str, Any] = {"library_version": engine_backend.library_version()}
+    if len(engine_backend.candidates) > 1 and spec.get("check"):
+        return {**result, **choose_candidate(engine_backend, job, spec)}
     with (out / "build.log").open("w") as log:
         result["build"] = engine_backend.build(job, log)
     result["build"]["sha256"] = sha256_file(out / engine_backend.engine_file)
     if spec.get("check"):
-        device = "cpu" if job.target["name"] == "cpu" else "cuda:0"  # the parent pinned our GPU
-        entry = {"io": {"outputs": job.outputs}, "options": job.options}
-        with engine_backend.load(out, entry, device) as engine:
+        with _loaded(engine_backend, job, out) as engine:
             result.update(check(engine, f"{job.backend}/{job.target['name']}", spec))
             result["cuda_graph_failures"] = {str(k): v for k, v in getattr(engine, "graph_failures", {}).items()}
     return result
+
+
+def choose_candidate(engine_backend: Any, job: BuildJob, spec: dict[str, Any]) -> dict[str, Any]:
+    """Build, check and time every candidate; keep the fastest that passes (the first, if none does)
+    as the engine, and record every candidate's verdict and latency."""
+    out = Path(job.out_dir)
+    trials: dict[str, dict[str, Any]] = {}
+    with (out / "build.log").open("w") as log:
+        for candidate in engine_backend.candidates:
+            trial_dir = out / f"candidate-{candidate}"
+            trial_dir.mkdir()
+            trial_job = BuildJob(**{**asdict(job), "out_dir": str(trial_dir)})
+            build = engine_backend.build(trial_job, log, candidate)
+            with _loaded(engine_backend, trial_job, trial_dir) as engine:
+                trials[candidate] = {"build": build, **check(engine, f"{job.backend}/{job.target['name']}", spec)}
+            print(f"{candidate}: parity {'passed' if trials[candidate]['parity']['passed'] else 'FAILED'}, "
+                  f"median {trials[candidate]['latency_ms']['median']} ms", file=log)
+    passing = [c for c, t in trials.items() if t["parity"]["passed"]]
+    chosen = min(passing, key=lambda c: trials[c]["latency_ms"]["median"]) if passing else engine_backend.candidates[0]
+    os.replace(out / f"candidate-{chosen}" / engine_backend.engine_file, out / engine_backend.engine_file)
+    for candidate in engine_backend.candidates:
+        shutil.rmtree(out / f"candidate-{candidate}")
+    chosen_trial = trials[chosen]
+    build = {**chosen_trial["build"], "candidate": chosen, "sha256": sha256_file(out / engine_backend.engine_file),
+             "candidates": {c: {"passed": t["parity"]["passed"], "median_ms": t["latency_ms"]["median"]}
+                            for c, t in trials.items()},
+             "rule": "the fastest candidate that passes its check at the opt shape"}
+    return {"build": build, "parity": chosen_trial["parity"], "latency_ms": chosen_trial["latency_ms"]}
+
+
+def _loaded(engine_backend: Any, job: BuildJob, engine_dir: Path) -> Any:
+    device = "cpu" if job.target["name"] == "cpu" else "cuda:0"  # the parent pinned our GPU
+    return engine_backend.load(engine_dir, {"io": {"outputs": job.outputs}, "options": job.options}, device)
 
 
 def main() -> None:

@@ -212,6 +212,10 @@ def _parity(task: Any, feed: dict[str, np.ndarray], runtime_out: dict[str, np.nd
     return result.as_dict()
 
 
+# Everything write_report puts in its directory (and so everything it may overwrite there).
+BENCH_FILES = ("bench.json", "bench.md", "throughput_vs_devices.png", "latency_vs_batch.png")
+
+
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

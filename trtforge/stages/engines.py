@@ -8,15 +8,18 @@ without one) are recorded as built, not checked.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trtforge.backends.base import BuildJob, Target, backend
+from trtforge.backends import backend
+from trtforge.backends.base import BuildJob, Target
 from trtforge.compare import ParityResult
 from trtforge.store import key_of
 from trtforge.tasks import IMAGE, SEQUENCE
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "tensorrt-rtx")
 WORKER_TIMEOUT_S = 3600
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -101,16 +105,39 @@ def runnable_here(target: Target) -> bool:
 def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path) -> dict[str, dict[str, Any]]:
     """Start one worker per engine, all at once, and wait for them. Returns results by stage name."""
     from trtforge.backends.worker import save_reference
-    from trtforge.stages.validate import signature_of, task_policy
-    from trtforge.tasks import task_spec
 
-    reference_path = build.cache.root / f"reference-{build.keys['fp16']}.npz"
-    if not reference_path.is_file():
-        save_reference(reference_path, build.reference)
+    # Written afresh for every build that checks engines (a temporary name: removed below, or by the
+    # next build if this one is killed), so no engine is ever judged against stale bytes.
+    reference_path = build.cache.root / f".tmp-reference-{os.getpid()}.npz"
+    save_reference(reference_path, build.reference)
+    try:
+        return _run(build, jobs, fp32, fp16, reference_path)
+    finally:
+        reference_path.unlink(missing_ok=True)
+
+
+def _run(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path,
+         reference_path: Path) -> dict[str, dict[str, Any]]:
     export = build.export_result()
     shapes = {"batch": list(build.recipe.shapes.batch), SEQUENCE: list(build.recipe.shapes.extent),
               IMAGE: list(build.recipe.shapes.extent)}
-    processes = {}
+    processes: dict[str, tuple[subprocess.Popen[str], Path]] = {}
+    try:
+        _start(build, jobs, fp32, fp16, reference_path, export, shapes, processes)
+        return _wait(processes)
+    finally:  # interrupted or failed: no worker outlives its build
+        for process, _ in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _start(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
+           export: dict[str, Any], shapes: dict[str, list[int]],
+           processes: dict[str, tuple[subprocess.Popen[str], Path]]) -> None:
+    from trtforge.stages.validate import signature_of, task_policy
+    from trtforge.tasks import task_spec
+
     for planned, scratch in jobs:
         job = BuildJob(backend=planned.backend, target=planned.target.as_dict(), fp32_onnx=str(fp32),
                        fp16_onnx=str(fp16), out_dir=str(scratch), inputs=export["io"]["inputs"],
@@ -132,18 +159,39 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
         build.progress.detail(f"worker for {planned.relative_dir}")
         processes[planned.stage] = (subprocess.Popen([sys.executable, "-m", "trtforge.backends.worker", str(job_path)],
                                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                     text=True), job_path)
+                                                     text=True, preexec_fn=_die_with_parent), job_path)
+
+
+def _wait(processes: dict[str, tuple[subprocess.Popen[str], Path]]) -> dict[str, dict[str, Any]]:
     results = {}
     for stage, (process, job_path) in processes.items():
-        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
+        try:
+            output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            results[stage] = {"error": f"worker took longer than {WORKER_TIMEOUT_S} s and was stopped"}
         result_path = job_path.parent / "result.json"
-        if result_path.is_file():
+        if stage not in results and process.returncode == 0 and result_path.is_file():
             results[stage] = json.loads(result_path.read_text())
-            result_path.unlink()
-        else:
-            results[stage] = {"error": f"worker exited with {process.returncode}: {output.strip()[-300:]}"}
+        elif stage not in results:
+            results[stage] = {"error": f"worker {_exit_reason(process.returncode)}: {output.strip()[-300:]}"}
+        result_path.unlink(missing_ok=True)
         (job_path.parent / "worker.log").write_text(output)
     return results
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: the kernel kills it when the build process dies (Linux), so a
+    killed or interrupted build leaves no worker behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def outcome(planned: Planned, result: dict[str, Any]) -> tuple[str, ParityResult]:

@@ -17,7 +17,7 @@ class ExportError(TrtforgeError):
     """The exporter or the ONNX checker rejected the model."""
 
 
-def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Path) -> Path:
+def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Path, *, source: str) -> Path:
     """Write `path` (and `path.data` for large models); check it with the ONNX checker and shape
     inference. Returns the path."""
     import onnx
@@ -50,11 +50,13 @@ def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Pat
                                   do_constant_folding=True)
                 model = onnx.load(str(buffer))
                 buffer.unlink()
+    except OSError:
+        raise  # the disk, not the exporter: the CLI says which path and why
     except Exception as e:  # the exporters raise many unrelated types
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}; "
                           "try [export] exporter = \"dynamo\" or a different opset") from e
 
-    model.doc_string = f"exported by trtforge from {loaded.spec.source}"
+    model.doc_string = f"exported by trtforge from {source}"  # as the recipe names it: no build-machine path
     large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)

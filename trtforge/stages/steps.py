@@ -18,7 +18,8 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
     from trtforge.stages.export import export_onnx
 
     loaded = build.loaded
-    path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx")
+    path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx",
+                       source=build.source_as_written)
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     config = loaded.model.config

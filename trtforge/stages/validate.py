@@ -18,14 +18,36 @@ from trtforge.models import LoadedModel, make_inputs
 from trtforge.recipe import Shapes, Tolerance
 from trtforge.tasks import SEQUENCE, TaskSpec
 
-PROFILE_LABELS = ("min", "opt", "max")
 REFERENCE = "pytorch-fp32"
 
 
+def validation_shapes(shapes: Shapes) -> dict[str, tuple[int, int]]:
+    """The (batch, extent) shapes every graph and engine is checked at: label -> shape.
+
+    Each axis is taken to its extremes, one axis at a time: the profile's min and opt, the max batch
+    at a short sequence (catches what the batch axis breaks), and the max sequence at a small batch
+    with padding (catches position limits and FP16 overflow that grows with length). The corner
+    (max batch x max sequence) adds nothing these do not catch and cost half of a cold build, so it is
+    left out; engines are still built for it.
+    """
+    (b_min, b_opt, b_max), (e_min, e_opt, e_max) = shapes.batch, shapes.extent
+    plan = {"opt": (b_opt, e_opt), "min": (b_min, e_min)}  # "opt" first: it is kept, and timed
+    if shapes.extent_name == "image":  # one size: the model's
+        plan["max-batch"] = (b_max, e_max)
+    else:
+        plan["max-batch"] = (b_max, max(e_min, min(8, e_max)))
+        plan["max-sequence"] = (min(b_max, max(b_min, 2)), e_max)
+    unique: dict[str, tuple[int, int]] = {}
+    for label, shape in plan.items():
+        if shape not in unique.values():
+            unique[label] = shape
+    return unique
+
+
 def profile_feeds(loaded: LoadedModel, shapes: Shapes, *, seed: int) -> dict[str, Feed]:
-    """Fresh inputs at the profile's min, opt and max shapes (a different seed for each)."""
-    return {label: make_inputs(loaded, *shapes.profile(label), seed=seed + i)
-            for i, label in enumerate(PROFILE_LABELS)}
+    """Fresh inputs at the validation shapes (a different seed for each)."""
+    return {label: make_inputs(loaded, *shape, seed=seed + i)
+            for i, (label, shape) in enumerate(validation_shapes(shapes).items())}
 
 
 def feed_key(feed: Feed) -> str:
