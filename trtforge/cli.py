@@ -6,7 +6,6 @@ Exit codes: 0 passed, 1 a parity gate or a verification failed (reports are stil
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from trtforge import __version__
-from trtforge.errors import TrtforgeError
+from trtforge.errors import TrtforgeError, os_error_message
 from trtforge.text import printable
 
 DEFAULT_OUT = Path("engines")
@@ -26,26 +25,6 @@ DEFAULT_OUT = Path("engines")
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
-
-
-# What each file-system refusal means for the user, by errno.
-_OS_FIXES = {
-    errno.ENOSPC: "free some space or choose another --out",
-    errno.EDQUOT: "free some space or choose another --out",
-    errno.EFBIG: "the file is larger than this process may write (ulimit -f); free space or raise the limit",
-    errno.EACCES: "choose a writable --out",
-    errno.EPERM: "choose a writable --out",
-    errno.EROFS: "choose an --out on a writable file system",
-    errno.ELOOP: "a symbolic link in the path points back at itself; fix the link or choose another --out",
-    errno.ENOTDIR: "a part of the path is a regular file; choose another --out",
-    errno.EEXIST: "a file is in the way; move it or choose another --out",
-    errno.ENAMETOOLONG: "use a shorter --out or [model] name",
-}
-
-
-def os_error_message(e: OSError) -> str:
-    where = f" ({e.filename})" if e.filename else ""
-    return f"{e.strerror or e}{where}; {_OS_FIXES.get(e.errno or 0, 'check the path and its permissions')}"
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,6 +6,8 @@ fix it, on one line.
 
 from __future__ import annotations
 
+import errno
+
 
 class TrtforgeError(Exception):
     """Root of every error trtforge raises on purpose."""
@@ -42,3 +44,23 @@ class CompatibilityError(TrtforgeError):
 
 class ShapeError(TrtforgeError):
     """Inputs outside an engine's optimization profile."""
+
+
+# What each file-system refusal means for the user, by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or choose another --out",
+    errno.EDQUOT: "free some space or choose another --out",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f); free space or raise the limit",
+    errno.EACCES: "choose a writable --out",
+    errno.EPERM: "choose a writable --out",
+    errno.EROFS: "choose an --out on a writable file system",
+    errno.ELOOP: "a symbolic link in the path points back at itself; fix the link or choose another --out",
+    errno.ENOTDIR: "a part of the path is a regular file; choose another --out",
+    errno.EEXIST: "a file is in the way; move it or choose another --out",
+    errno.ENAMETOOLONG: "use a shorter --out or [model] name",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}; {_OS_FIXES.get(e.errno or 0, 'check the path and its permissions')}"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from trtforge import __version__
 from trtforge.compare import ParityResult
-from trtforge.errors import EnvironmentProblem, TrtforgeError
+from trtforge.errors import EnvironmentProblem, TrtforgeError, os_error_message
 from trtforge.models import LoadedModel, source_fingerprint
 from trtforge.progress import Progress
 from trtforge.recipe import Recipe
@@ -128,7 +128,7 @@ class Build:
     def reference(self) -> Any:
         from trtforge.stages.validate import Reference, profile_feeds
 
-        with self.progress.stage("reference", "PyTorch FP32 at the min, opt and max shapes") as outcome:
+        with self.progress.stage("reference", "PyTorch FP32 at the validation shapes") as outcome:
             feeds = profile_feeds(self.loaded, self.recipe.shapes, seed=self.recipe.validate.seed)
             reference = Reference.from_model(self.loaded, feeds)
             outcome["summary"] = ", ".join(f"{k} {tuple(next(iter(f.values())).shape)}" for k, f in feeds.items())
@@ -140,13 +140,13 @@ class Build:
         each stage and publish the artifact (or, for a failed rebuild of a passing one, beside it)."""
         from trtforge.preflight import preflight
 
-        self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
         self.fingerprint  # finds the weights (or says where they are missing)
         self.recipe = preflight(self.recipe)  # the model's config against the recipe: nothing written yet
         self.build_key  # resolves the model source and the engine plan
         refuse_unowned(self.artifact, self.recipe.model.name)
         refuse_unowned(self.failed_artifact, self.recipe.model.name)
         with _undo_if_refused(self.out_dir, self.cache.root), self.cache.locked(timeout_s=self.wait_s):
+            self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
             remove_leftovers(self.out_dir, self.recipe.model.name)
             refuse_unowned(self.artifact, self.recipe.model.name)  # again: it may have changed while we waited
             if not self.force and (manifest := self._published_if_current()) is not None:
@@ -200,7 +200,8 @@ class Build:
             self.progress.cached(name, summarize(cached))
             self.stage_records[name] = {**_record(cached), "cached": True}
             return entry, cached
-        with self.progress.stage(name, doing) as outcome, self.cache.writing(name, key) as scratch:
+        with self.progress.stage(name, doing) as outcome, self.cache.writing(name, key) as scratch, \
+                _naming(scratch):
             start = time.perf_counter()
             result = work(scratch)
             result["duration_s"] = round(time.perf_counter() - start, 3)
@@ -358,6 +359,17 @@ class Build:
 
 
 @contextlib.contextmanager
+def _naming(directory: Path) -> Iterator[None]:
+    """Give a file-system error without a path (a library's write failing) the directory it wrote into."""
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(directory)
+        raise
+
+
+@contextlib.contextmanager
 def _undo_if_refused(out_dir: Path, cache_root: Path) -> Iterator[None]:
     """Create `out_dir` and the artifact's cache directory for a build, turning what the file
     system refuses into one line; if the build is then refused (exit 2) before any stage is cached,
@@ -367,13 +379,12 @@ def _undo_if_refused(out_dir: Path, cache_root: Path) -> Iterator[None]:
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise EnvironmentProblem(f"cannot create the output directory {out_dir}: {e.strerror}; "
-                                 "choose a writable --out") from None
+        raise EnvironmentProblem(f"cannot create the output directory {out_dir}: {os_error_message(e)}") from None
     try:
         yield
-    except TrtforgeError as e:
+    except (TrtforgeError, OSError) as e:
         only_lock = all(p.name == "lock" for p in cache_root.rglob("*") if not p.is_dir())
-        if e.exit_code == 2 and cache_root in created and only_lock:
+        if getattr(e, "exit_code", 2) == 2 and cache_root in created and only_lock:
             shutil.rmtree(cache_root, ignore_errors=True)
             for path in created[1:]:
                 with contextlib.suppress(OSError):

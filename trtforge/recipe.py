@@ -127,7 +127,8 @@ class EngineSpec:
 
     @property
     def wants_auto(self) -> bool:
-        return self.backends == ("auto",)
+        """auto: every backend that can build here (see stages/engines.py), plus any named beside it."""
+        return "auto" in self.backends
 
 
 @dataclass(frozen=True)

@@ -411,9 +411,6 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"files entry {rel!r} needs a size and a sha256")
     if not isinstance(manifest["parity"].get("passed"), bool):
         problems.append("parity.passed is not a boolean")
-    for role, rel in manifest["roles"].items():
-        if not isinstance(rel, str) or rel not in manifest["files"]:
-            problems.append(f"role {role!r} names {rel!r}, which files does not list")
     for i, engine in enumerate(manifest["engines"]):
         if not isinstance(engine, dict) or engine.get("backend") not in BACKENDS:
             problems.append(f"engines[{i}] has no known backend")
@@ -429,6 +426,9 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
                             f"file of {expected_dir}")
         elif engine.get("status") in ("passed", "built-not-checked") and engine["file"] not in manifest["files"]:
             problems.append(f"engines[{i}] file {engine['file']!r} is not listed in files")
+    for role, rel in manifest["roles"].items():
+        if not isinstance(rel, str) or rel not in manifest["files"]:
+            problems.append(f"role {role!r} names {rel!r}, which files does not list")
     return problems
 
 

@@ -100,6 +100,12 @@ def single_latency(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int
     return percentiles(times)
 
 
+def _gpu0() -> Any:
+    from trtforge.devices import gpu
+
+    return gpu(0)
+
+
 def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progress) -> dict[str, Any]:
     import torch
 
@@ -116,6 +122,9 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
         raise CompatibilityError("no GPU on this machine; run with --cpu N to bench CPU engines")
     counts = config.device_counts or tuple(range(1, available + 1))
     manifest = read_manifest(artifact)
+    from trtforge.loader import select  # an engine for these devices, or a refusal before any work
+
+    select(manifest, None if not on_gpu else _gpu0(), backend_name=config.backend, device="cpu" if not on_gpu else "cuda:0")
     loaded = load_model(recipe.model)
     task = loaded.task
     progress.line(f"trtforge bench {recipe.model.name}: devices {list(counts)}, per-device batches "

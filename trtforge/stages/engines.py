@@ -57,7 +57,8 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
     gpus = list_gpus()
     if spec.gpus != "all":
         gpus = [g for g in gpus if g.index in spec.gpus]
-    names = AUTO_ORDER if spec.wants_auto else spec.backends
+    named = [b for b in spec.backends if b != "auto"]
+    names = [*AUTO_ORDER, *(b for b in named if b not in AUTO_ORDER)] if spec.wants_auto else named
     planned, skipped = [], []
     for name in names:
         engine_backend = backend(name)
@@ -67,7 +68,7 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
         if not reason and not targets:
             reason = f"{name}: no target on this machine (no GPU{'' if name != 'tensorrt-rtx' else ' and no rtx_targets'})"
         if reason:
-            if not spec.wants_auto or name != "tensorrt":  # auto tries TensorRT only where it is installed
+            if name in named or name != "tensorrt":  # auto tries TensorRT only where it is installed
                 skipped.append({"backend": name, "status": "skipped", "reason": reason})
             continue
         version = engine_backend.library_version()
