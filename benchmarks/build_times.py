@@ -55,7 +55,7 @@ def main() -> None:
         lines.append(f"| {r['recipe']} | {r['cold_s']} | " + " | ".join(str(r["stages_s"].get(s, "–")) for s in stages)
                      + f" | {r['noop_s']} | {'passed' if r['passed'] else 'FAILED'} |")
     lines += ["", "Model loading and the PyTorch FP32 reference happen inside the first stage that needs them: "
-              "export includes loading the model, validate includes running PyTorch at the min, opt and max "
+              "export includes loading the model, validate includes running PyTorch at the validation "
               "shapes. The cold build and the no-op rebuild are whole processes, imports included."]
     (RESULTS / "build-times-cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

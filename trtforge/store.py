@@ -63,6 +63,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_hashing(source: Path, target: Path) -> str:
+    """Copy `source` to `target` and return the sha256 of the bytes written, in one pass."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(1 << 22):
+            digest.update(chunk)
+            dst.write(chunk)
+    return digest.hexdigest()
+
+
 def key_of(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts: the cache key of a stage."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -277,8 +287,7 @@ def publish(out_dir: Path, name: str, files: dict[str, tuple[Path, str | None]],
         for rel, (source, expected) in files.items():
             target = _inside(staging, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            digest = sha256_file(target)
+            digest = copy_hashing(source, target)
             if expected is not None and digest != expected:
                 raise ArtifactError(f"{source} changed since it was cached (sha256 {digest[:12]}... != recorded "
                                     f"{expected[:12]}...); run the build again (the entry is rebuilt) or --force")

@@ -58,10 +58,23 @@ def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Pat
 
     model.doc_string = f"exported by trtforge from {source}"  # as the recipe names it: no build-machine path
     large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    if not large:  # checked in memory: no second copy of the graph on disk
+        check_onnx_model(model, path.name)
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data" if large else None)
-    check_onnx(path)
+    if large:
+        check_onnx(path)
     return path
+
+
+def check_onnx_model(model: object, name: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:
+        raise ExportError(f"{name} fails the ONNX checker: {str(e).splitlines()[0][:300]}") from e
 
 
 def check_onnx(path: Path) -> None:

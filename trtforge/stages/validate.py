@@ -19,19 +19,21 @@ from trtforge.recipe import Shapes, Tolerance
 from trtforge.tasks import SEQUENCE, TaskSpec
 
 REFERENCE = "pytorch-fp32"
+OPT_ROWS = 8
 
 
 def validation_shapes(shapes: Shapes) -> dict[str, tuple[int, int]]:
     """The (batch, extent) shapes every graph and engine is checked at: label -> shape.
 
-    Each axis is taken to its extremes, one axis at a time: the profile's min and opt, the max batch
-    at a short sequence (catches what the batch axis breaks), and the max sequence at a small batch
-    with padding (catches position limits and FP16 overflow that grows with length). The corner
-    (max batch x max sequence) adds nothing these do not catch and cost half of a cold build, so it is
-    left out; engines are still built for it.
+    Each axis is taken to its extremes, one axis at a time: the profile's min; the opt sequence (at
+    most OPT_ROWS rows of it: a row's numerics do not depend on how many rows share its batch); the
+    max batch at a short sequence (catches what the batch axis breaks); and the max sequence at a
+    small batch with padding (catches position limits and FP16 overflow that grows with length). The
+    corner (max batch x max sequence) adds nothing these do not catch and cost half of a cold build,
+    so it is left out; engines are still built for it, and timed at the full opt shape.
     """
     (b_min, b_opt, b_max), (e_min, e_opt, e_max) = shapes.batch, shapes.extent
-    plan = {"opt": (b_opt, e_opt), "min": (b_min, e_min)}  # "opt" first: it is kept, and timed
+    plan = {"opt": (min(b_opt, max(b_min, OPT_ROWS)), e_opt), "min": (b_min, e_min)}  # "opt" first: always kept
     if shapes.extent_name == "image":  # one size: the model's
         plan["max-batch"] = (b_max, e_max)
     else:
