@@ -153,6 +153,9 @@ def _start(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Pat
         job_path = scratch / "job.json"
         job_path.write_text(json.dumps(spec, indent=2))
         env = dict(os.environ)
+        # The worker imports this very trtforge, wherever it was imported from (a relative
+        # PYTHONPATH would point elsewhere from the worker's directory).
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
         if planned.target.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(planned.target.gpu["index"])
         elif planned.target.kind == "aot":
