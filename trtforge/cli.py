@@ -197,6 +197,31 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
     sys.exit(0 if report["parity_passed"] or not report["results"]["parity"] else 1)
 
 
+@main.group()
+def export() -> None:
+    """Write an artifact in a form other services load."""
+
+
+@export.command("triton")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("repo", type=click.Path(path_type=Path))
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per instance group of the GPU models.")
+@_common
+@guarded
+def export_triton(artifact: Path, repo: Path, gpus: int, quiet: bool, verbose: bool) -> None:
+    """Write a Triton Inference Server model repository REPO from ARTIFACT: the FP16 ONNX
+    (onnxruntime_onnx, TensorRT accelerator), TensorRT plans (tensorrt_plan), and a Python-backend
+    model running the CPU graph. Every config is checked against Triton's schema and the graph."""
+    from trtforge.triton import export_triton as write_repository
+
+    models = write_repository(artifact, repo, gpus=gpus)
+    if not quiet:
+        for model in models:
+            click.echo(f"  {model.name:<28} {model.config.platform or model.config.backend}")
+        click.echo(f"wrote {repo} ({len(models)} models; {repo / 'README.md'} says what each is)")
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and the verification as JSON.")
