@@ -147,6 +147,14 @@ def test_image_size_comes_from_the_config_and_a_contradiction_names_both_values(
     assert not (tmp_path / "out2").exists()
 
 
+def test_the_sequence_range_defaults_to_the_models_positions(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(sub("sequence = [1, 16, 32]\n", ""))
+    code, _, stderr = cli("build", str(recipe), "--out", str(tmp_path / "out"))
+    assert code == 0, stderr
+    assert read_manifest(tmp_path / "out" / "tiny-bert")["shapes"]["sequence"] == [1, 64, 64]  # 64 positions
+
+
 def test_a_refusal_from_the_lock_holder_leaves_no_lock_behind(tmp_path):
     """An existing output directory with other artifacts: a refused recipe adds nothing to it."""
     out = tmp_path / "out"

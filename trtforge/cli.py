@@ -184,7 +184,9 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
     bench_dir = results or out_dir / f"{parsed.model.name}.bench"
     refuse_foreign_bench_dir(bench_dir)
     progress = Progress(quiet=quiet, verbose=verbose)
-    built = Build(parsed, out_dir, progress=progress).run()
+    builder = Build(parsed, out_dir, progress=progress)
+    built = builder.run()
+    parsed = builder.recipe  # with what the model's config filled in
     if not built.passed:
         _fail(f"{built.artifact} failed its parity gates; fix the build before benchmarking it", 1)
     report = run_bench(parsed, built.artifact, config, progress)

@@ -32,6 +32,8 @@ COUNT_OR_SIZE = re.compile(r"^(num|n)_|(_size|_layers?|_heads?|_dim|_positions|_
 # Architectures whose position ids start after the padding index: max_position_embeddings minus
 # this many positions are usable (RoBERTa's 514 embeddings hold 512 tokens).
 RESERVED_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "xlm-roberta-xl": 2}
+# Without [shapes] sequence: 1 .. the model's positions, optimised for this length.
+DEFAULT_OPT_SEQUENCE = 128
 # Share of this machine's memory that validation's largest PyTorch FP32 forward may take.
 MEMORY_SHARE = 0.5
 
@@ -149,8 +151,13 @@ def resolve_shapes(recipe: Recipe, config: Any) -> Shapes:
                          "(its position embeddings are fixed)", f"write image = [{size}, {size}, {size}] or leave it out")
         return shapes
     positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        usable = positions - RESERVED_POSITIONS.get(config.model_type, 0)
+    usable = positions - RESERVED_POSITIONS.get(config.model_type, 0) if isinstance(positions, int) and positions > 0 else None
+    if shapes.extent is None:
+        if usable is None:
+            raise _error(recipe, "shapes.sequence", "missing, and the model's config has no max_position_embeddings",
+                         "add `sequence = [min, opt, max]` to [shapes]")
+        return dataclasses.replace(shapes, extent=(1, min(DEFAULT_OPT_SEQUENCE, usable), usable))
+    if usable is not None:
         if shapes.extent[2] > usable:
             raise _error(recipe, "shapes.sequence", f"max {shapes.extent[2]} is above the model's {usable} positions "
                          f"(max_position_embeddings = {positions})", f"use a max of at most {usable}")

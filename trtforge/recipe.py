@@ -358,9 +358,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     wrong = "sequence" if extent_name == "image" else "image"
     if wrong in shapes_section.table:
         raise shapes_section.error(wrong, f"task {model.task} has no {wrong} axis", f"use `{extent_name} = [min, opt, max]`")
-    # An image model's size comes from its config when the recipe does not give it (see preflight).
-    shapes = Shapes(batch=_range(shapes_section, "batch"),
-                    extent=_range(shapes_section, extent_name, None if extent_name == "image" else ...),
+    # The image size, or the sequence range, comes from the model's config when the recipe leaves it
+    # out (see preflight).
+    shapes = Shapes(batch=_range(shapes_section, "batch"), extent=_range(shapes_section, extent_name, None),
                     extent_name=extent_name)
     shapes_section.finish()
 
