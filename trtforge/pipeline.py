@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import shutil
 import platform
 import shlex
@@ -31,6 +32,7 @@ from trtforge.stages.engines import entry as entry_for
 from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
+from trtforge.tokens import TEXT_CONFIG, TOKENIZER_DIR
 from trtforge.store import (FAILED_SUFFIX, FILES, RESULT, SCHEMA, StageCache, key_of, publish, read_manifest,
                             refuse_unowned, remove_leftovers, remove_owned, verify_files, write_json_atomic)
 
@@ -302,6 +304,8 @@ class Build:
             context = {"model": self.source_as_written, "task": self.recipe.model.task,
                        "built": manifest["created"], "reproduce": manifest["reproduce"]}
             texts = {"recipe.toml": recipe_text, **render_reports(self.recipe.model.name, parity, context)}
+            if self.export_result().get("text", {}).get("tokenizer"):
+                texts[TEXT_CONFIG] = json.dumps(self._text_config(), indent=2) + "\n"
             destination = self._destination(parity["passed"])
             published = publish(self.out_dir, self.recipe.model.name, files, texts, manifest,
                                 directory=destination.name)
@@ -343,12 +347,24 @@ class Build:
             "reproduce": self.reproduce,
         }
 
+    def _text_config(self) -> dict[str, Any]:
+        from trtforge.tokens import text_config
+
+        return text_config(max_length=self.recipe.shapes.extent[2],
+                           inputs=[t["name"] for t in self.export_result()["io"]["inputs"]],
+                           pooling=self.export_result()["text"]["pooling"])
+
     def _roles(self, files: dict[str, Any]) -> dict[str, str]:
         """Which file is which, for consumers that do not want to guess from names."""
+        written = ("recipe.toml", *REPORT_FILES)
         roles = {"onnx-fp32": "model.onnx", "onnx-fp16": "model.fp16.onnx", "recipe": "recipe.toml",
-                 "report-json": REPORT_FILES[0], "report-markdown": REPORT_FILES[1], "report-junit": REPORT_FILES[2]}
+                 "report-json": REPORT_FILES[0], "report-markdown": REPORT_FILES[1], "report-junit": REPORT_FILES[2],
+                 "tokenizer": f"{TOKENIZER_DIR}/tokenizer.json"}
+        if self.export_result().get("text", {}).get("tokenizer"):
+            roles["text-config"] = TEXT_CONFIG
+            written += (TEXT_CONFIG,)
         roles.update({f"engine:{e['backend']}/{e['target']}": e["file"] for e in self.engine_entries})
-        return {role: rel for role, rel in roles.items() if rel in files or rel in ("recipe.toml", *REPORT_FILES)}
+        return {role: rel for role, rel in roles.items() if rel in files or rel in written}
 
     @property
     def reproduce(self) -> str:

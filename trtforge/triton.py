@@ -8,6 +8,8 @@ One model per engine kind Triton serves natively, plus one Triton can serve anyw
       <name>_trt/      platform tensorrt_plan: one plan per compute capability (cc_model_filenames);
                        only where the artifact holds TensorRT (not TensorRT-RTX) plans
       <name>_python/   backend python: the artifact's CPU graph run by onnxruntime inside Triton
+      <name>_text/     backend python: strings in (the artifact's tokenizer, truncation limit and
+                       pooling), the model's outputs or pooled embeddings out; where it has a tokenizer
       hashes.json      sha256 of every file, as the artifact's manifest records it
       README.md        which artifact (and manifest sha256) and which command made this
 
@@ -34,6 +36,7 @@ TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_F
                 "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8"}
 ONNX_TYPES = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
 PYTHON_MODEL = Path(__file__).with_name("data") / "triton_python_model.py"
+TEXT_MODEL = Path(__file__).with_name("data") / "triton_text_model.py"
 
 
 class TritonConfigError(TrtforgeError):
@@ -112,7 +115,31 @@ def plan_models(artifact: Path, manifest: dict[str, Any], *, gpus: int) -> list[
     python_model.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
     models.append(TritonModel(python_model.name, python_model, {"1/model.onnx": graph, "1/model.py": PYTHON_MODEL},
                               graph_io(graph), served_here=True))
+    if "text-config" in roles:
+        models.append(_text_model(pb, artifact, manifest, graph))
     return models
+
+
+def _text_model(pb: Any, artifact: Path, manifest: dict[str, Any], graph: Path) -> TritonModel:
+    """Strings in: the artifact's tokenizer, its validated truncation limit and its pooling, inside Triton."""
+    text = json.loads((artifact / manifest["roles"]["text-config"]).read_text())
+    config = pb.ModelConfig(name=f"{manifest['name']}_text", backend="python", max_batch_size=manifest["shapes"]["batch"][2])
+    config.input.add(name="TEXT", data_type=pb.DataType.Value("TYPE_STRING"), dims=[1])
+    outputs = manifest["io"]["outputs"]
+    if text.get("pooling"):  # one pooled vector per text
+        [hidden] = [o["shape"][-1] for o in outputs[:1]]
+        declared = {"embedding": ("TYPE_FP32", [hidden])}
+    else:
+        declared = {o["name"]: ("TYPE_FP32", _dims(o["shape"])) for o in outputs}
+    for name, (dtype, dims) in declared.items():
+        config.output.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+    tokenizer_dir = artifact / text["tokenizer"]
+    files = {"1/model.py": TEXT_MODEL, "1/model.onnx": graph, "1/text.json": artifact / manifest["roles"]["text-config"],
+             "1/tokenizer.json": tokenizer_dir / "tokenizer.json",
+             "1/tokenizer_config.json": tokenizer_dir / "tokenizer_config.json"}
+    io = {"inputs": {"TEXT": ("TYPE_STRING", [1])}, "outputs": declared}
+    return TritonModel(config.name, config, files, io, served_here=True)
 
 
 def _io(pb: Any, config: Any, manifest: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from trtforge.stages.export import export_onnx
+    from trtforge.tokens import TOKENIZER_DIR, pooling_of, save_tokenizer
 
     loaded = build.loaded
     path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx",
@@ -23,7 +24,9 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     config = loaded.model.config
+    tokenizer = save_tokenizer(loaded.tokenizer, scratch / TOKENIZER_DIR)
     return {
+        "text": {"tokenizer": tokenizer, "pooling": pooling_of(loaded.spec.local_dir) if tokenizer else None},
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
         "hidden_size": getattr(config, "hidden_size", 0),

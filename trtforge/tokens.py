@@ -1,0 +1,66 @@
+"""The artifact's text interface: the model's tokenizer files, its post-processing, and the limit
+up to which it was validated, so that a service can send text without guessing any of them.
+
+    OUT/<name>/tokenizer/   the tokenizer as transformers saves it (tokenizer.json and friends)
+    OUT/<name>/text.json    {"tokenizer": "tokenizer", "max_length": <the validated max sequence>,
+                             "inputs": [...], "pooling": {"mode": "mean", "normalize": true} | null}
+
+Pooling is what sentence-transformers would apply to this model, read from the model's own
+`modules.json` and `1_Pooling/config.json` (mean, CLS or max over real tokens, then L2 normalisation
+where a Normalize module follows); models without them have none, and their outputs are returned as
+the graph gives them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOKENIZER_DIR = "tokenizer"
+TEXT_CONFIG = "text.json"
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+
+
+def pooling_of(model_dir: Path | None) -> dict[str, Any] | None:
+    """sentence-transformers' pooling for a model directory, or None where it declares none."""
+    if model_dir is None or not (model_dir / "modules.json").is_file():
+        return None
+    modules = json.loads((model_dir / "modules.json").read_text())
+    kinds = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+    if "Pooling" not in kinds:
+        return None
+    config = json.loads((model_dir / kinds["Pooling"] / "config.json").read_text())
+    modes = [mode for key, mode in POOLING_MODES.items() if config.get(key)]
+    if len(modes) != 1:
+        return None  # several concatenated poolings: not supported, outputs stay per token
+    return {"mode": modes[0], "normalize": "Normalize" in kinds, "source": "sentence-transformers modules.json"}
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> bool:
+    """Save a fast tokenizer (one that writes tokenizer.json); False for slow ones, which are not packaged."""
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        return False
+    tokenizer.save_pretrained(directory)
+    return (directory / "tokenizer.json").is_file()
+
+
+def text_config(*, max_length: int, inputs: list[str], pooling: dict[str, Any] | None) -> dict[str, Any]:
+    return {"tokenizer": TOKENIZER_DIR, "max_length": max_length, "inputs": inputs, "pooling": pooling,
+            "truncation": "texts longer than max_length tokens are cut to it: the artifact was validated up to it"}
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pooling: dict[str, Any]) -> np.ndarray:
+    """sentence-transformers' pooling of per-token states (batch, tokens, hidden) over real tokens."""
+    mask = mask.astype(hidden.dtype)[..., None]
+    if pooling["mode"] == "mean":
+        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+    elif pooling["mode"] == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = np.where(mask > 0, hidden, -1e9).max(axis=1)
+    if pooling.get("normalize"):
+        pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+    return pooled.astype(np.float32)
