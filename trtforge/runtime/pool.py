@@ -48,6 +48,10 @@ class _Request:
     chunks: list[Any]
     deadline: float
     slots: dict[int, int] = field(default_factory=dict)  # chunk -> worker slot
+    rows: list[np.ndarray] | None = None  # per chunk, the request rows it holds (length-aware batches)
+    text: bool = False  # a submit_text request: chunks are consecutive parts of the texts
+    mask: np.ndarray | None = None  # real positions of a length-aware request
+    shape: dict[str, tuple[int, ...]] | None = None  # per output, the full result's shape
 
     @property
     def remaining(self) -> int:
@@ -83,18 +87,50 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
     return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
 
 
+# Length-aware batches are cut to their longest row rounded up to a multiple of this, so that the
+# engine meets a few shapes (each warmed, or captured as a CUDA graph) rather than one per length.
+SEQUENCE_BUCKET = 16
+
+
+def buckets(lo: int, hi: int, step: int = SEQUENCE_BUCKET) -> list[int]:
+    """The sequence lengths length-aware batches are cut to, within the profile [lo, hi]."""
+    return sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)})
+
+
 class Runtime:
+    """An artifact served on a set of devices (see the module's docstring).
+
+    `batching="length"` (the default for host outputs): within a request, rows are grouped by their
+    real length (from the attention mask), each chunk is cut to its longest row (rounded up to a
+    SEQUENCE_BUCKET multiple), and results come back in input order in the request's shape, with
+    zeros at padded positions of per-token outputs (positions no consumer reads). `"fixed"` keeps
+    every row at the request's length. `warm`: (batch, sequence) shapes each worker runs once before
+    the runtime is ready, so first requests do not pay the engine's per-shape set-up; `rt.startup_s`
+    says how long start-up took.
+    """
+
     def __init__(self, artifact: str | Path, devices: str | int | Sequence[int | str] = "all", *,
                  backend: str | None = None, outputs: Literal["host", "device"] = "host",
+                 batching: Literal["length", "fixed"] | None = None, warm: Sequence[tuple[int, int]] = (),
                  timeout_s: float = 60.0, start_timeout_s: float = 600.0) -> None:
         import torch.multiprocessing as tmp
 
+        started = time.perf_counter()
         self.artifact = Path(artifact)
         manifest = read_manifest(self.artifact)
+        self.manifest = manifest
         self.inputs = manifest["io"]["inputs"]
+        self.output_specs = {o["name"]: o for o in manifest["io"]["outputs"]}
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
         self.max_batch = self.profile["batch"][2]
         self.outputs_on, self.timeout_s = outputs, timeout_s
+        self.batching = batching or ("length" if outputs == "host" else "fixed")
+        if self.batching not in ("length", "fixed"):
+            raise ValueError(f"batching must be 'length' or 'fixed', got {self.batching!r}")
+        if self.batching == "length" and outputs == "device":
+            raise ValueError("length-aware batching returns host outputs in input order; use outputs='host' "
+                             "or batching='fixed'")
+        self.text = _text_config(self.artifact, manifest)
         self.devices = resolve_devices(devices)
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
         self._workers: list[_Worker] = []
@@ -104,7 +140,8 @@ class Runtime:
             # is killed mid-send, would block every other worker for good.
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{slot}",
-                                      args=(slot, str(self.artifact), device, backend, outputs, requests, writer))
+                                      args=(slot, str(self.artifact), device, backend, outputs, requests, writer,
+                                            [tuple(w) for w in warm]))
             process.start()
             writer.close()  # the worker holds the only write end: its exit shows as EOF here
             self._workers.append(_Worker(slot, device, process, requests, reader))
@@ -119,6 +156,7 @@ class Runtime:
             raise
         self._collector = threading.Thread(target=self._collect, name="trtforge-collector", daemon=True)
         self._collector.start()
+        self.startup_s = round(time.perf_counter() - started, 3)
 
     # --- start-up -------------------------------------------------------------------------------------
     def _wait_ready(self, timeout_s: float) -> None:
@@ -169,19 +207,95 @@ class Runtime:
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerDied("every worker has exited; create a new Runtime")
-        size = min(self.max_batch, math.ceil(rows / len(live)))
-        bounds = [(start, min(start + size, rows)) for start in range(0, rows, size)]
+        lengths = _lengths(arrays) if self.batching == "length" else None
+        groups = self._groups(rows, len(live), lengths)
         future: Future = Future()
         request_id = next(self._ids)
         with self._lock:
-            request = _Request(future, [None] * len(bounds), time.monotonic() + self.timeout_s)
+            request = _Request(future, [None] * len(groups), time.monotonic() + self.timeout_s)
+            if lengths is not None:
+                request.rows = [index for index, _ in groups]
+                request.shape = self._result_shapes(arrays, rows)
+                request.mask = arrays["attention_mask"] != 0
             self._requests[request_id] = request
-            for chunk, (lo, hi) in enumerate(bounds):
+            for chunk, (index, length) in enumerate(groups):
                 worker = min(live, key=lambda w: len(w.outstanding))
                 worker.outstanding.add((request_id, chunk))
                 request.slots[chunk] = worker.slot
-                worker.requests.put(("run", request_id, chunk, {k: v[lo:hi] for k, v in arrays.items()}))
+                worker.requests.put(("run", request_id, chunk, self._slice(arrays, index, length)))
         return future
+
+    def _groups(self, rows: int, workers: int, lengths: np.ndarray | None) -> list[tuple[Any, int | None]]:
+        """Chunks of the request as (rows, sequence length to cut to): at most the profile's max batch,
+        at least its min (so every chunk fits a profile a single engine accepts), spread over the
+        workers; rows sorted by length and each chunk cut to its longest (bucketed) where `lengths`."""
+        lo_batch = self.profile["batch"][0]
+        count = max(math.ceil(rows / self.max_batch), min(workers, max(1, rows // lo_batch)))
+        order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(rows)
+        groups: list[tuple[Any, int | None]] = []
+        start = 0
+        for part in np.array_split(order, count):
+            if lengths is None:  # contiguous rows, kept at the request's length
+                groups.append((slice(start, start + len(part)), None))
+                start += len(part)
+            else:
+                groups.append((part, self._bucket(int(lengths[part].max()))))
+        return groups
+
+    def _bucket(self, length: int) -> int:
+        lo, _, hi = self.profile["sequence"]
+        return next(b for b in buckets(lo, hi) if b >= length)
+
+    def _slice(self, arrays: dict[str, np.ndarray], index: Any, length: int | None) -> dict[str, np.ndarray]:
+        if length is None:
+            return {k: v[index] for k, v in arrays.items()}
+        return {k: np.ascontiguousarray(v[index][:, :length] if self._has_sequence(k) else v[index])
+                for k, v in arrays.items()}
+
+    def _has_sequence(self, name: str) -> bool:
+        spec = next((s for s in self.inputs if s["name"] == name), None)
+        return spec is not None and "sequence" in spec["shape"]
+
+    def _result_shapes(self, arrays: dict[str, np.ndarray], rows: int) -> dict[str, tuple[int, ...]]:
+        """Each output's shape for the whole request: its sequence axis at the request's length."""
+        length = next(v.shape[1] for k, v in arrays.items() if self._has_sequence(k))
+        shapes = {}
+        for name, spec in self.output_specs.items():
+            shapes[name] = tuple(rows if d == "batch" else length if d == "sequence" else d for d in spec["shape"])
+        return shapes
+
+    def submit_text(self, texts: Sequence[str]) -> Future:
+        """Send strings; the workers tokenize them (in parallel, with the artifact's tokenizer and its
+        validated truncation limit), run them in length-sorted batches, and apply the artifact's
+        pooling. The future's result: {"embedding": (n, hidden)} where the model has pooling, else the
+        model's outputs in text order (per-token outputs padded with zeros to the longest text)."""
+        if self._closed:
+            raise WorkerError("the runtime is closed")
+        if self.text is None:
+            raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
+        texts = list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("encode() takes a non-empty list of strings")
+        live = [w for w in self._workers if w.alive]
+        if not live:
+            raise WorkerDied("every worker has exited; create a new Runtime")
+        parts = [p for p in np.array_split(np.arange(len(texts)), len(live)) if len(p)]
+        future: Future = Future()
+        request_id = next(self._ids)
+        with self._lock:
+            request = _Request(future, [None] * len(parts), time.monotonic() + self.timeout_s)
+            request.text = True
+            self._requests[request_id] = request
+            for chunk, part in enumerate(parts):
+                worker = min(live, key=lambda w: len(w.outstanding))
+                worker.outstanding.add((request_id, chunk))
+                request.slots[chunk] = worker.slot
+                worker.requests.put(("encode", request_id, chunk, [texts[i] for i in part]))
+        return future
+
+    def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
+        return self.submit_text(texts).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
 
     def run(self, batch: Mapping[str, Any], timeout: float | None = None) -> Any:
         return self.submit(batch).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
@@ -190,10 +304,15 @@ class Runtime:
         rows = {a.shape[0] for a in arrays.values()}
         if len(rows) != 1:
             raise ShapeError(f"inputs disagree on the batch size: {sorted(rows)}")
+        count = rows.pop()
+        lo_batch = self.profile["batch"][0]
+        if count < lo_batch:
+            raise ShapeError(f"batch {count} is below the engine's profile min {lo_batch}; send at least "
+                             f"{lo_batch} rows or rebuild with a smaller [shapes] batch min")
         # Each chunk must fit the profile: check one row against every other axis.
         check_shapes(self.inputs, {**self.profile, "batch": (1, 1, self.max_batch)},
                      {k: v[:1] for k, v in arrays.items()})
-        return rows.pop()
+        return count
 
     # --- results --------------------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -220,12 +339,26 @@ class Runtime:
         request.chunks[chunk] = payload
         if request.remaining == 0:
             del self._requests[request_id]
-            request.future.set_result(self._assemble(request.chunks))
+            request.future.set_result(self._assemble(request))
 
-    def _assemble(self, chunks: list[dict[str, Any]]) -> Any:
+    def _assemble(self, request: _Request) -> Any:
+        chunks = request.chunks
+        if request.text:  # per-worker parts in text order; per-token outputs padded to the longest
+            return {name: _concatenate_padded([c[name] for c in chunks]) for name in chunks[0]}
         if self.outputs_on == "device":
             return chunks
-        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+        if request.rows is None:
+            return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+        results = {}
+        for name, shape in request.shape.items():  # scatter rows back into input order, unpadding
+            full = np.zeros(shape, dtype=chunks[0][name].dtype)
+            for rows, chunk in zip(request.rows, chunks):
+                part = chunk[name]
+                full[(rows, *(slice(0, n) for n in part.shape[1:]))] = part
+            if "sequence" in self.output_specs[name]["shape"]:
+                full[~request.mask] = 0  # padded positions: the same (meaningless) zeros whatever the cut
+            results[name] = full
+        return results
 
     def _fail(self, request_id: int, error: Exception) -> None:
         request = self._requests.pop(request_id, None)
@@ -280,6 +413,32 @@ def _serve(*args: Any) -> None:
     from trtforge.runtime.worker import serve
 
     serve(*args)
+
+
+def _concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
+    if parts[0].ndim < 3 or len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate(parts)
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
+
+
+def _lengths(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Each row's real length, where the attention mask pads on the right (ones, then zeros);
+    None otherwise (left padding, or no mask): such requests keep their length."""
+    mask = arrays.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    lengths = mask.sum(axis=1)
+    if not np.array_equal(mask != 0, np.arange(mask.shape[1])[None, :] < lengths[:, None]):
+        return None
+    return np.maximum(lengths, 1)
+
+
+def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    import json
+
+    rel = manifest["roles"].get("text-config")
+    return json.loads((artifact / rel).read_text()) if rel else None
 
 
 def _numpy(value: Any) -> np.ndarray:

