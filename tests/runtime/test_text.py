@@ -48,7 +48,8 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     rows = np.concatenate([g for g, _ in groups])
     assert sorted(rows.tolist()) == list(range(len(lengths)))
     assert [np.array(lengths)[g].tolist() for g, _ in groups] == [[1, 2, 3, 4, 5, 8, 9], [12, 17, 25, 30, 31, 32]]
-    assert [cut for _, cut in groups] == [16, 32] and buckets(1, 32) == [16, 32]
+    assert [cut for _, cut in groups] == [16, 32] and buckets(1, 32) == [8, 16, 24, 32]
+    assert buckets(1, 128) == list(range(8, 129, 8)) and buckets(1, 256) == list(range(16, 257, 16))  # <= 16
     # Results in input order and in the request's shape; real positions as the padded call gives
     # them, padded positions zero.
     assert got.shape == want.shape == (13, 32, 32)

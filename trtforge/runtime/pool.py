@@ -87,13 +87,15 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
     return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
 
 
-# Length-aware batches are cut to their longest row rounded up to a multiple of this, so that the
-# engine meets a few shapes (each warmed, or captured as a CUDA graph) rather than one per length.
-SEQUENCE_BUCKET = 16
+# Length-aware batches are cut to their longest row rounded up to a bucket, so that the engine meets
+# a few shapes (each warmed, or captured as a CUDA graph: at most 16 per engine) rather than one per
+# length: multiples of 8 tokens, coarser for long profiles so that there are at most 16.
+MAX_BUCKETS = 16
 
 
-def buckets(lo: int, hi: int, step: int = SEQUENCE_BUCKET) -> list[int]:
+def buckets(lo: int, hi: int) -> list[int]:
     """The sequence lengths length-aware batches are cut to, within the profile [lo, hi]."""
+    step = max(8, math.ceil(math.ceil(hi / MAX_BUCKETS) / 8) * 8)
     return sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)})
 
 
@@ -102,7 +104,7 @@ class Runtime:
 
     `batching="length"` (the default for host outputs): within a request, rows are grouped by their
     real length (from the attention mask), each chunk is cut to its longest row (rounded up to a
-    SEQUENCE_BUCKET multiple), and results come back in input order in the request's shape, with
+    bucket: see buckets()), and results come back in input order in the request's shape, with
     zeros at padded positions of per-token outputs (positions no consumer reads). `"fixed"` keeps
     every row at the request's length. `warm`: (batch, sequence) shapes each worker runs once before
     the runtime is ready, so first requests do not pay the engine's per-shape set-up; `rt.startup_s`

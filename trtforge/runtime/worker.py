@@ -50,7 +50,7 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
             if kind == "encode":
                 if text is None:
                     raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
-                result = text.encode(payload, lambda arrays: _run(engine, staging, arrays, device, "host", on_gpu))
+                result = text.encode(payload, lambda arrays: _run(engine, staging, arrays, device, "device", on_gpu))
             else:
                 result = _run(engine, staging, payload, device, outputs_on, on_gpu)
             responses.send(("result", request_id, chunk, slot, result))
@@ -101,8 +101,6 @@ class TextEncoder:
     def encode(self, texts: list[str], run: Any) -> dict[str, Any]:
         import numpy as np
 
-        from trtforge.tokens import pool
-
         encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"])
         lengths = np.array([len(ids) for ids in encoded["input_ids"]])
         order = np.argsort(lengths, kind="stable")
@@ -119,10 +117,11 @@ class TextEncoder:
                     for row, i in enumerate(part):
                         block[row, : lengths[i]] = encoded[name][i]
                 feed[name] = block
-            outputs = run({name: feed[name] for name in self.config["inputs"]})
+            outputs = run({name: feed[name] for name in self.config["inputs"]})  # left where computed
             pooling = self.config.get("pooling")
-            if pooling:
-                outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
+            if pooling:  # on the device: only (rows, hidden) crosses to the host
+                outputs = {"embedding": pool_tensor(next(iter(outputs.values())), mask, pooling)}
+            outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
             for name, value in outputs.items():
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
                     value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
@@ -133,6 +132,23 @@ class TextEncoder:
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
         return results
+
+
+def pool_tensor(hidden: Any, mask: Any, pooling: dict[str, Any]) -> Any:
+    """trtforge.tokens.pool for torch tensors, where they are (the worker's GPU)."""
+    import torch
+
+    hidden = torch.as_tensor(hidden).float()
+    weights = torch.as_tensor(mask, device=hidden.device).float().unsqueeze(-1)
+    if pooling["mode"] == "mean":
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+    elif pooling["mode"] == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = hidden.masked_fill(weights == 0, -1e9).amax(1)
+    if pooling.get("normalize"):
+        pooled = torch.nn.functional.normalize(pooled, dim=1)
+    return pooled
 
 
 class _Staging:
