@@ -63,6 +63,11 @@ def test_bad_input_reaches_the_caller_and_the_worker_keeps_serving(artifact):
         with pytest.raises(ShapeError, match=r"sequence 40, outside the engine's profile \[1, 32\]"):
             rt.submit(feed(2, seq=40))
         wrong_dtype = {**feed(2), "input_ids": feed(2)["input_ids"].astype(np.float32)}
+        with pytest.raises(TypeError, match="float32, the engine takes int64"):  # refused at the call
+            rt.run(wrong_dtype)
+        # An error inside the worker (here: the call-side checks bypassed, so the engine itself
+        # refuses the dtype) reaches the caller as WorkerError, and the worker keeps serving.
+        rt._inputs = lambda batch: dict(batch)
         with pytest.raises(WorkerError, match="worker 0 \\(cpu\\)"):
             rt.run(wrong_dtype)
         assert rt.run(feed(2))["logits"].shape == (2, 2)

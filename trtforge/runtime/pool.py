@@ -82,8 +82,15 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
         return [f"cuda:{i}" for i in range(count)]
     if devices == "cpu":
         return ["cpu"]
+    if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1):
+        raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
     if isinstance(devices, int):
         return ["cpu"] * devices
+    if isinstance(devices, str) or not devices:
+        raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
+    for d in devices:
+        if isinstance(d, bool) or (isinstance(d, int) and d < 0):
+            raise ValueError(f"devices: {d!r} is not a GPU index (0, 1, ...)")
     return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
 
 
@@ -91,6 +98,7 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
 # a few shapes (each warmed, or captured as a CUDA graph: at most 16 per engine) rather than one per
 # length: multiples of 8 tokens, coarser for long profiles so that there are at most 16.
 MAX_BUCKETS = 16
+CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the runtime closes
 
 
 def buckets(lo: int, hi: int) -> list[int]:
@@ -168,6 +176,7 @@ class Runtime:
             pending = [self._workers[slot] for slot in waiting]
             for worker, message in self._receive(pending, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
                 if message is None:
+                    worker.process.join(timeout=5)  # its exit code, not None
                     raise WorkerDied(f"worker for {worker.device} exited while loading "
                                      f"(exit code {worker.process.exitcode})")
                 kind, slot, payload = message
@@ -204,7 +213,7 @@ class Runtime:
         on the devices that computed them (outputs="device")."""
         if self._closed:
             raise WorkerError("the runtime is closed")
-        arrays = {name: _numpy(value) for name, value in batch.items()}
+        arrays = self._inputs(batch)
         rows = self._check(arrays)
         live = [w for w in self._workers if w.alive]
         if not live:
@@ -302,10 +311,44 @@ class Runtime:
     def run(self, batch: Mapping[str, Any], timeout: float | None = None) -> Any:
         return self.submit(batch).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
 
+    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The request as arrays of the engine's dtypes, or a clear error at the call: unknown or
+        misspelled names, types that cannot be cast safely, token ids outside the vocabulary."""
+        import difflib
+
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a request is a dict of named inputs ({', '.join(s['name'] for s in self.inputs)}), "
+                            f"got {type(batch).__name__}")
+        specs = {s["name"]: s for s in self.inputs}
+        for name in batch:
+            if name not in specs:
+                close = difflib.get_close_matches(name, specs, n=1)
+                raise ShapeError(f"unknown input {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; this engine takes {', '.join(specs)}")
+        arrays = {}
+        for name, value in batch.items():
+            array = _numpy(value, name)
+            want = np.dtype(specs[name]["dtype"])
+            if array.dtype != want:
+                if not np.can_cast(array.dtype, want, casting="same_kind") or array.dtype.kind == "f" and want.kind != "f":
+                    raise TypeError(f"input {name!r} is {array.dtype}, the engine takes {want}; convert it")
+                array = array.astype(want)
+            arrays[name] = array
+        vocab = self.manifest["model"].get("vocab_size")
+        ids = arrays.get("input_ids")
+        if vocab and ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise ShapeError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab}); the model would read "
+                             "past its embedding table")
+        return arrays
+
     def _check(self, arrays: dict[str, np.ndarray]) -> int:
-        rows = {a.shape[0] for a in arrays.values()}
+        rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
         if len(rows) != 1:
             raise ShapeError(f"inputs disagree on the batch size: {sorted(rows)}")
+        lengths = {k: a.shape[1] for k, a in arrays.items() if self._has_sequence(k) and a.ndim > 1}
+        if len(set(lengths.values())) > 1:
+            raise ShapeError(f"inputs disagree on the sequence length: {lengths}")
         count = rows.pop()
         lo_batch = self.profile["batch"][0]
         if count < lo_batch:
@@ -391,16 +434,22 @@ class Runtime:
             return
         self._closed = True
         for worker in self._workers:
-            if worker.process.is_alive():
+            # The queue's feeder thread may be blocked on a full pipe to a stopped or dead worker:
+            # never let interpreter exit wait on it.
+            worker.requests.cancel_join_thread()
+            if worker.process.is_alive() and not worker.outstanding:
                 try:
                     worker.requests.put(None)
                 except (OSError, ValueError):
                     pass
+        deadline = time.monotonic() + CLOSE_GRACE_S  # one grace period for all, not one per worker
         for worker in self._workers:
-            worker.process.join(timeout=10)
-            if worker.process.is_alive():
+            if not worker.outstanding:
+                worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():  # busy with work nobody will read, stopped, or slow to exit
                 worker.process.kill()
                 worker.process.join(timeout=5)
+            worker.requests.close()
         for request_id in list(getattr(self, "_requests", {})):
             self._fail(request_id, WorkerError("the runtime was closed"))
 
@@ -443,7 +492,16 @@ def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | N
     return json.loads((artifact / rel).read_text()) if rel else None
 
 
-def _numpy(value: Any) -> np.ndarray:
+def _numpy(value: Any, name: str = "input") -> np.ndarray:
     if hasattr(value, "detach"):
+        if str(value.dtype) == "torch.bfloat16":
+            raise TypeError(f"input {name!r} is a bfloat16 tensor; numpy has no bfloat16: convert it "
+                            "(ids to int64, features to float32)")
         return value.detach().cpu().numpy()
-    return np.ascontiguousarray(value)
+    try:
+        array = np.asarray(value)  # lists of lists too
+    except ValueError:
+        array = np.empty(0, dtype=object)
+    if array.dtype == object:
+        raise TypeError(f"input {name!r} is not a rectangular array of numbers; pad the rows to one length")
+    return np.ascontiguousarray(array)

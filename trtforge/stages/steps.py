@@ -30,6 +30,7 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
         "hidden_size": getattr(config, "hidden_size", 0),
+        "vocab_size": getattr(config, "vocab_size", 0),
         "opset": build.recipe.export.opset,
         "model_class": type(loaded.model).__name__,
         "nodes": len(graph.node),
