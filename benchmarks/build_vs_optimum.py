@@ -91,8 +91,8 @@ def main() -> None:
              f"| {record['optimum']} | {record['median_optimum_s']} | {record['optimum_s']} |", "",
              f"Median ratio of the full build, pair by pair: **{record['median_ratio']}x** (target: at most "
              f"{record['target_ratio']}x); of the same work as optimum's export: **{record['median_same_work_ratio']}x**. ",
-             "trtforge's build does more than optimum's export: the FP16 graph and its validation, two "
-             "TensorRT-RTX engines (sm89, sm120) built ahead of time, a manifest with every file's sha256. "
+             "trtforge's build does more than optimum's export: the FP16 graph and its validation, a "
+             "TensorRT-RTX plan for sm89 and sm120 built ahead of time, a manifest with every file's sha256. "
              "Both validate against PyTorch on the CPU."]
     (RESULTS / "build-vs-optimum.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -75,6 +75,7 @@ class Build:
         self.cache = StageCache(out_dir, recipe.model.name, warn=lambda line: self.progress.line(f"  {line}"))
         self.command = command or ["trtforge", "build", str(recipe.path), "--out", str(out_dir)]
         self.stage_records: dict[str, dict[str, Any]] = {}
+        self.stage_results: dict[str, dict[str, Any]] = {}  # each stage's result as this build has it
         self.engine_entries: list[dict[str, Any]] = []
         self.fp16_result: dict[str, Any] | None = None
         self.skipped_backends: list[dict[str, Any]] = []
@@ -201,6 +202,7 @@ class Build:
         if cached is not None:
             self.progress.cached(name, summarize(cached))
             self.stage_records[name] = {**_record(cached), "cached": True}
+            self.stage_results[name] = cached
             return entry, cached
         with self.progress.stage(name, doing) as outcome, self.cache.writing(name, key) as scratch, \
                 _naming(scratch):
@@ -212,6 +214,7 @@ class Build:
             write_json_atomic(scratch / RESULT, result)
             outcome["summary"] = summarize(result)
         self.stage_records[name] = {**_record(result), "cached": False}
+        self.stage_results[name] = result
         return entry, result
 
     def _run_stages(self) -> tuple[dict[str, Path], list[tuple[str, ParityResult]]]:
@@ -225,20 +228,25 @@ class Build:
         files.update(self._cached_files("export"))
         fp32 = export_dir / "model.onnx"
 
-        _, validated = self._stage("validate", "ONNX Runtime (CPU) against PyTorch FP32",
-                                   lambda d: stages.validate(self, fp32), _parity_summary)
-        parity.append(("validate", ParityResult.from_dict(validated["parity"])))
+        def validate() -> None:
+            _, validated = self._stage("validate", "ONNX Runtime (CPU) against PyTorch FP32",
+                                       lambda d: stages.validate(self, fp32), _parity_summary)
+            parity.insert(0, ("validate", ParityResult.from_dict(validated["parity"])))
 
-        if self.recipe.fp16.enabled:
-            fp16_dir, fp16 = self._stage("fp16", "FP16 graph, checked against PyTorch FP32",
-                                         lambda d: stages.fp16(self, fp32, d),
-                                         lambda r: f"{_parity_summary(r)}, {len(r['kept_nodes'])} nodes kept in FP32")
-            files.update(self._cached_files("fp16"))
-            parity.append(("fp16", ParityResult.from_dict(fp16["parity"])))
-            self.fp16_result = fp16
-            engine_files, engine_parity = self._run_engines(fp32, fp16_dir / "model.fp16.onnx")
-            files.update(engine_files)
-            parity.extend(engine_parity)
+        if not self.recipe.fp16.enabled:
+            validate()
+            return files, parity
+        # The FP16 graph first, so that engine workers (processes of their own) build while the FP32
+        # graph is validated here; the stages do not depend on each other.
+        fp16_dir, fp16 = self._stage("fp16", "FP16 graph, checked against PyTorch FP32",
+                                     lambda d: stages.fp16(self, fp32, d),
+                                     lambda r: f"{_parity_summary(r)}, {len(r['kept_nodes'])} nodes kept in FP32")
+        files.update(self._cached_files("fp16"))
+        parity.append(("fp16", ParityResult.from_dict(fp16["parity"])))
+        self.fp16_result = fp16
+        engine_files, engine_parity = self._run_engines(fp32, fp16_dir / "model.fp16.onnx", alongside=validate)
+        files.update(engine_files)
+        parity.extend(engine_parity)
         return files, parity
 
     def _cached_files(self, stage: str, key: str | None = None, prefix: str = "") -> dict[str, tuple[Path, str]]:
@@ -248,7 +256,9 @@ class Build:
         return {f"{prefix}{rel}": (entry / rel, record["sha256"]) for rel, record in self.cache.records(stage, key).items()
                 if rel not in (RESULT, "job.json")}
 
-    def _run_engines(self, fp32: Path, fp16: Path) -> tuple[dict[str, tuple[Path, str | None]], list[tuple[str, ParityResult]]]:
+    def _run_engines(self, fp32: Path, fp16: Path, *, alongside: Callable[[], None]
+                     ) -> tuple[dict[str, tuple[Path, str | None]], list[tuple[str, ParityResult]]]:
+        """Reuse or build every planned engine; `alongside` runs here while the workers build."""
         planned, self.skipped_backends = self.engine_plan
         for skipped in self.skipped_backends:
             self.progress.line(f"  {'engines':<10} skipped: {skipped['reason']}")
@@ -267,7 +277,7 @@ class Build:
             names = ", ".join(p.relative_dir for p in todo)
             with self.progress.stage("engines", f"building {names} (one process each)") as outcome:
                 jobs = [(p, self.cache.scratch(p.stage, p.key)) for p in todo]
-                fresh = run_engine_workers(self, jobs, fp32, fp16)
+                fresh = run_engine_workers(self, jobs, fp32, fp16, alongside=alongside)
                 for p, scratch in jobs:
                     result = fresh[p.stage]
                     result["status"] = engine_outcome(p, result)[0]
@@ -279,6 +289,8 @@ class Build:
                     results[p.stage] = result
                     self.cache.commit(p.stage, p.key, scratch)
                 outcome["summary"] = ", ".join(f"{p.relative_dir} {results[p.stage]['status']}" for p in todo)
+        else:
+            alongside()
         files: dict[str, tuple[Path, str | None]] = {}
         parity = []
         for p in planned:
@@ -372,7 +384,13 @@ class Build:
         return shlex.join(self.command)
 
     def export_result(self) -> dict[str, Any]:
-        return self.cache.lookup("export", self.keys["export"]) or {}
+        """The export stage's result: as this build ran or verified it (looked up, and verified, once)."""
+        if "export" not in self.stage_results:
+            found = self.cache.lookup("export", self.keys["export"])
+            if found is None:
+                return {}
+            self.stage_results["export"] = found
+        return self.stage_results["export"]
 
 
 @contextlib.contextmanager

@@ -99,11 +99,11 @@ def plan_models(artifact: Path, manifest: dict[str, Any], *, gpus: int) -> list[
         _io(pb, plan_model, manifest)
         plan_model.dynamic_batching.preferred_batch_size.append(batch[1])
         files = {}
-        for entry in plans:
+        for entry in plans:  # a plan may serve several compute capabilities (one file, named for each)
+            file = f"model_{entry['target']}.plan"
+            files[f"1/{file}"] = artifact / entry["file"]
             for cc in entry["compute_capabilities"]:
-                file = f"model_sm{cc.replace('.', '')}.plan"
                 plan_model.cc_model_filenames[cc] = file
-                files[f"1/{file}"] = artifact / entry["file"]
         plan_model.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=1, gpus=list(range(gpus)),
                                       profile=["0"])
         models.append(TritonModel(plan_model.name, plan_model, files, manifest_io(manifest), served_here=False))

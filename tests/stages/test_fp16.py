@@ -95,3 +95,20 @@ def test_fallback_gives_up_after_max_rounds(tmp_path):
     spec = FP16Spec(keep_fp32_ops=(), max_fallback_rounds=0, tolerance=Tolerance(atol=1e-2, rtol=1e-2))
     result = make_fp16(fp32, tmp_path / "o16.onnx", reference, spec)
     assert not result.parity.passed and len(result.rounds) == 1
+
+
+def test_the_fast_float16_clamp_matches_onnxruntimes_bit_for_bit():
+    """clamp_to_float16 replaces onnxruntime's convert_np_to_float16 during conversion: same bits on
+    ordinary weights and on every edge (tiny, huge, zero, signed zero, NaN, infinities)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from trtforge.stages.fp16 import clamp_to_float16
+
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, 1e-9, -1e-9, 5.96e-08, -5.96e-08, 6e-8, 65504.0, -65504.0, 70000.0, -7e5, 3.4e38,
+                      np.inf, -np.inf, np.nan, 1.0, -2.5], dtype=np.float32)
+    spread = rng.standard_normal(100_000) * 10.0 ** rng.integers(-9, 6, 100_000)
+    for values in (edges, edges.astype(np.float64), spread, spread.astype(np.float32)):
+        ours, theirs = clamp_to_float16(values), convert_np_to_float16(values)
+        assert ours.dtype == theirs.dtype == np.float16
+        assert ours.tobytes() == theirs.tobytes()

@@ -49,7 +49,10 @@ class TensorRTBackend(Backend):
     # --- targets -------------------------------------------------------------------------------------
     def targets(self, *, gpus: list[GpuInfo], rtx_targets: tuple[str, ...]) -> list[Target]:
         if self.rtx:
-            offline = [Target(name=t, kind="aot", compute_capabilities=(RTX_SM[t],)) for t in rtx_targets]
+            # One plan for every offline target: TensorRT-RTX builds a multi-architecture plan in the
+            # time of one (its kernels are compiled on the target GPU at load), so N targets cost one build.
+            offline = ([Target(name="-".join(rtx_targets), kind="aot",
+                               compute_capabilities=tuple(RTX_SM[t] for t in rtx_targets))] if rtx_targets else [])
             # RTX GPUs present here are targeted too (and can be checked); SM90 is not supported.
             local = [Target(name=g.sm, kind="aot", compute_capabilities=(g.compute_capability,), gpu=g.as_dict())
                      for g in gpus if g.sm in RTX_SM and g.sm not in rtx_targets]

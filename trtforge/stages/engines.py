@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from trtforge.backends import backend
 from trtforge.backends.base import BuildJob, Target
@@ -103,8 +103,10 @@ def runnable_here(target: Target) -> bool:
     return target.kind != "aot" or target.gpu is not None
 
 
-def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path) -> dict[str, dict[str, Any]]:
-    """Start one worker per engine, all at once, and wait for them. Returns results by stage name."""
+def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, *,
+                alongside: Callable[[], None] = lambda: None) -> dict[str, dict[str, Any]]:
+    """Start one worker per engine, all at once, run `alongside` meanwhile, and wait for them.
+    Returns results by stage name."""
     from trtforge.backends.worker import save_reference
 
     # Written afresh for every build that checks engines (a temporary name: removed below, or by the
@@ -112,19 +114,20 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
     reference_path = build.cache.root / f".tmp-reference-{os.getpid()}.npz"
     save_reference(reference_path, build.reference)
     try:
-        return _run(build, jobs, fp32, fp16, reference_path)
+        return _run(build, jobs, fp32, fp16, reference_path, alongside)
     finally:
         reference_path.unlink(missing_ok=True)
 
 
-def _run(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path,
-         reference_path: Path) -> dict[str, dict[str, Any]]:
+def _run(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
+         alongside: Callable[[], None]) -> dict[str, dict[str, Any]]:
     export = build.export_result()
     shapes = {"batch": list(build.recipe.shapes.batch), SEQUENCE: list(build.recipe.shapes.extent),
               IMAGE: list(build.recipe.shapes.extent)}
     processes: dict[str, tuple[subprocess.Popen[str], Path]] = {}
     try:
         _start(build, jobs, fp32, fp16, reference_path, export, shapes, processes)
+        alongside()
         return _wait(processes)
     finally:  # interrupted or failed: no worker outlives its build
         for process, _ in processes.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -44,12 +45,11 @@ def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Pat
                                             dynamic_shapes=(tuple(shapes_by_input.values()),))
                 model = program.model_proto
             else:
-                buffer = path.with_suffix(".tmp.onnx")
-                torch.onnx.export(module, args, str(buffer), dynamo=False, input_names=names[0],
+                buffer = io.BytesIO()  # in memory: no copy of the graph written and read back
+                torch.onnx.export(module, args, buffer, dynamo=False, input_names=names[0],
                                   output_names=names[1], opset_version=spec.opset, dynamic_axes=axes,
                                   do_constant_folding=True)
-                model = onnx.load(str(buffer))
-                buffer.unlink()
+                model = onnx.load_from_string(buffer.getvalue())
     except OSError:
         raise  # the disk, not the exporter: the CLI says which path and why
     except Exception as e:  # the exporters raise many unrelated types
@@ -57,7 +57,7 @@ def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Pat
                           "try [export] exporter = \"dynamo\" or a different opset") from e
 
     model.doc_string = f"exported by trtforge from {source}"  # as the recipe names it: no build-machine path
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    large = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not large:  # checked in memory: no second copy of the graph on disk
         check_onnx_model(model, path.name)
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -67,12 +67,17 @@ def export_onnx(loaded: LoadedModel, shapes: Shapes, spec: ExportSpec, path: Pat
     return path
 
 
+def weight_bytes(model: object) -> int:
+    """The bytes of a graph's initializers: what decides whether it fits in one protobuf (2 GiB);
+    computing the whole message's ByteSize costs a serialisation's time."""
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)  # type: ignore[attr-defined]
+
+
 def check_onnx_model(model: object, name: str) -> None:
     import onnx
 
     try:
-        onnx.checker.check_model(model)
-        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model, full_check=True)  # the checker and strict shape inference, one pass
     except Exception as e:
         raise ExportError(f"{name} fails the ONNX checker: {str(e).splitlines()[0][:300]}") from e
 

@@ -51,21 +51,43 @@ class FP16Result:
 
 def convert(fp32: Path, out: Path, *, keep_ops: tuple[str, ...], keep_nodes: list[str]) -> Path:
     import onnx
+
+    from trtforge.stages.export import EXTERNAL_DATA_THRESHOLD, weight_bytes
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from unittest import mock
+
+    from onnxruntime.transformers import float16
 
     model = onnx.load(str(fp32))
     try:
-        fp16 = convert_float_to_float16(
-            model, keep_io_types=True, max_finite_val=FP16_MAX,
-            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)), node_block_list=keep_nodes)
+        with mock.patch.object(float16, "convert_np_to_float16", clamp_to_float16):
+            fp16 = convert_float_to_float16(
+                model, keep_io_types=True, max_finite_val=FP16_MAX,
+                op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)), node_block_list=keep_nodes)
     except Exception as e:
         raise FP16Error(f"FP16 conversion of {fp32.name} failed: {e}; "
                         "set [fp16] enabled = false to skip it, or keep the failing ops in keep_fp32_ops") from e
     clamp_constants(fp16)
     _fold_round_trip_casts(fp16)
-    large = fp16.ByteSize() > (1 << 30)
+    large = weight_bytes(fp16) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(fp16, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
     return out
+
+
+def clamp_to_float16(array: Any, min_positive_val: float = 5.96e-08, max_finite_val: float = 65504.0) -> np.ndarray:
+    """onnxruntime.transformers.float16.convert_np_to_float16, with the same result in two passes
+    instead of eleven (the original also scans every tensor six times for debug-log statistics;
+    that was a third of a MiniLM build's FP16 stage). Finite magnitudes are clamped into
+    [min_positive_val, max_finite_val] keeping their sign; 0, NaN and +-inf are unchanged."""
+    values = np.asarray(array)  # float32 (raw data) or float64 (float_data): rounded to FP16 from as it is
+    kind = values.dtype.type
+    magnitude = np.abs(values)
+    clamped = np.where((magnitude > 0) & (magnitude < min_positive_val), np.copysign(kind(min_positive_val), values),
+                       values)
+    clamped = np.where((magnitude > max_finite_val) & np.isfinite(values),
+                       np.copysign(kind(max_finite_val), values), clamped)
+    return clamped.astype(np.float16)
 
 
 def clamp_constants(model: Any) -> None:
