@@ -90,7 +90,6 @@ class TextEncoder:
 
         self.config = json.loads((artifact / "text.json").read_text())
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
-        self.tokenizer.padding_side = "right"  # the engine's positions count from the first column
         self.max_batch = profile["batch"][2]
         self.sequence = profile["sequence"]
 
@@ -100,46 +99,38 @@ class TextEncoder:
         return next(b for b in buckets(self.sequence[0], self.sequence[2]) if b >= length)
 
     def encode(self, texts: list[str], run: Any) -> dict[str, Any]:
-        """One tokenizer call for the whole request (numpy, padded to its longest), then chunks of
-        rows sorted by length, each cut to its bucket; pooled results stay on the device until the
-        last chunk is queued, so the GPU is not waited for chunk by chunk."""
         import numpy as np
 
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"], padding="longest",
-                                 return_tensors="np")
-        mask_all = encoded["attention_mask"].astype(np.int64)
-        lengths = mask_all.sum(axis=1)
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"])
+        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
         order = np.argsort(lengths, kind="stable")
-        pooling = self.config.get("pooling")
-        pooled: list[tuple[Any, Any]] = []
         results: dict[str, Any] = {}
         for part in np.array_split(order, max(1, -(-len(texts) // self.max_batch))):
             width = self._bucket(int(lengths[part].max()))
-            feed = {}
+            mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
+            feed = {"attention_mask": mask}
             for name in self.config["inputs"]:
-                block = encoded[name][part, :width] if name in encoded else np.zeros((len(part), 0), np.int64)
-                feed[name] = np.pad(block.astype(np.int64), [(0, 0), (0, width - block.shape[1])])  # token types: 0
-            outputs = run(feed)  # left where computed
-            if pooling:  # on the device: only (rows, hidden) crosses to the host, once, at the end
-                pooled.append((part, pool_tensor(next(iter(outputs.values())), feed["attention_mask"], pooling)))
-                continue
-            mask = feed["attention_mask"]
+                if name == "attention_mask":
+                    continue
+                block = np.zeros((len(part), width), dtype=np.int64)  # token types default to 0
+                if name in encoded:
+                    for row, i in enumerate(part):
+                        block[row, : lengths[i]] = encoded[name][i]
+                feed[name] = block
+            outputs = run({name: feed[name] for name in self.config["inputs"]})  # left where computed
+            pooling = self.config.get("pooling")
+            if pooling:  # on the device: only (rows, hidden) crosses to the host
+                outputs = {"embedding": pool_tensor(next(iter(outputs.values())), mask, pooling)}
+            outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
             for name, value in outputs.items():
-                value = value.float().cpu().numpy() if hasattr(value, "cpu") else value
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
                     value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
                 if name not in results:
-                    shape = (len(texts), *(int(lengths.max()) if i == 0 and value.ndim > 2 else n
+                    width_all = int(lengths.max())
+                    shape = (len(texts), *(width_all if i == 0 and value.ndim > 2 else n
                                            for i, n in enumerate(value.shape[1:])))
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
-        if pooled:
-            import torch
-
-            rows = np.concatenate([part for part, _ in pooled])
-            embedding = np.empty((len(texts), pooled[0][1].shape[1]), dtype=np.float32)
-            embedding[rows] = torch.cat([vectors for _, vectors in pooled]).float().cpu().numpy()
-            results["embedding"] = embedding
         return results
 
 
