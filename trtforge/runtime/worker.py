@@ -90,6 +90,7 @@ class TextEncoder:
 
         self.config = json.loads((artifact / "text.json").read_text())
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
+        self.tokenizer.padding_side = "right"  # the engine's positions count from the first column
         self.max_batch = profile["batch"][2]
         self.sequence = profile["sequence"]
 
