@@ -43,8 +43,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    from trtforge.models import load_model  # noqa: F401  (fails early where trtforge is not installed)
-    from trtforge.recipe import load_recipe
+    from trtforge.recipe import load_recipe  # fails early where trtforge is not installed
 
     recipe = load_recipe(ROOT / args.recipe)
     model_dir = recipe.model.source

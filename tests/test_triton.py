@@ -155,7 +155,7 @@ def tritonserver(tmp_path):
             [str(package / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}",
              "--model-control-mode=explicit",
              *(f"--load-model={m.name}" for m in sorted(repo.iterdir()) if m.name.endswith(("_python", "_text"))),
-             f"--http-address=127.0.0.1", f"--http-port={http}", "--allow-grpc=false", "--allow-metrics=false",
+             "--http-address=127.0.0.1", f"--http-port={http}", "--allow-grpc=false", "--allow-metrics=false",
              "--exit-timeout-secs=5"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         started.append(process)

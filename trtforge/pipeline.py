@@ -32,9 +32,9 @@ from trtforge.stages.engines import entry as entry_for
 from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
-from trtforge.tokens import TEXT_CONFIG, TOKENIZER_DIR
-from trtforge.store import (FAILED_SUFFIX, FILES, RESULT, SCHEMA, StageCache, key_of, publish, read_manifest,
+from trtforge.store import (FAILED_SUFFIX, RESULT, SCHEMA, StageCache, key_of, publish, read_manifest,
                             refuse_unowned, remove_leftovers, remove_owned, verify_files, write_json_atomic)
+from trtforge.tokens import TEXT_CONFIG, TOKENIZER_DIR
 
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
 

@@ -10,21 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import tiny_recipe_text
 from trtforge.errors import ShapeError
-from trtforge.pipeline import Build
-from trtforge.recipe import load_recipe
 from trtforge.runtime import RequestTimeout, Runtime, WorkerDied, WorkerError
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rt")
-    text = tiny_recipe_text("bert", extra="[engines]\nbackends = ['onnxruntime-cpu']\n")
-    (tmp / "r.toml").write_text(text.replace('"feature-extraction"', '"sequence-classification"'))
-    result = Build(load_recipe(tmp / "r.toml"), tmp / "out").run()
-    assert result.passed
-    return result.artifact
 
 
 def feed(rows: int, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

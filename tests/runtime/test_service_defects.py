@@ -13,23 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_recipe_text
 from trtforge.errors import ShapeError
-from trtforge.pipeline import Build
-from trtforge.recipe import load_recipe
 from trtforge.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("svc")
-    text = tiny_recipe_text("bert", extra="[engines]\nbackends = ['onnxruntime-cpu']\n")
-    (tmp / "r.toml").write_text(text.replace('"feature-extraction"', '"sequence-classification"'))
-    result = Build(load_recipe(tmp / "r.toml"), tmp / "out").run()
-    assert result.passed
-    return result.artifact
 
 
 def feed(rows=2, seq=8, dtype=np.int64):

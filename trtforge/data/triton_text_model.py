@@ -2,7 +2,8 @@
 out. Tokenizes with tokenizer.json (truncating at text.json's max_length, the length the artifact
 was validated up to), runs model.onnx with onnxruntime on the CPU, and applies text.json's pooling
 (sentence-transformers': mean, CLS or max over real tokens, then L2 normalisation where declared).
-Everything it needs lies beside it; it does not import trtforge."""
+Everything it needs lies beside it; it does not import trtforge (so its pooling repeats
+trtforge.tokens.pool: CI checks both against sentence-transformers' pooling computed from PyTorch)."""
 
 import json
 from pathlib import Path
