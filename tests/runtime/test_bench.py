@@ -28,6 +28,9 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
         for b in ("1", "4"):
             row = report["results"]["runtime"][n][b]
             assert row["throughput"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+            # Where the time went, per chunk, phase by phase (medians), pipelined and one at a time.
+            for breakdown in (row["time_breakdown_ms"], row["single"]["time_breakdown_ms"]):
+                assert breakdown["chunks"] > 0 and breakdown["engine_ms"] > 0 and breakdown["queue_ms"] >= 0
         parity = report["results"]["parity"][n]
         assert parity["passed"] and parity["outputs"][0]["shape"][0] == 4 * int(n)
     assert report["scaling"]["1"]["1"] == 1.0 and "2" in report["scaling"]["4"]

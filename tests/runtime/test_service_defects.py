@@ -111,3 +111,14 @@ def test_the_process_exits_promptly_whatever_the_workers_state(artifact, tmp_pat
     closed = float(process.stdout.strip().splitlines()[-1].split()[2])
     assert closed < 8, process.stdout  # no 10 s per worker wait
     assert time.monotonic() - start < 90
+
+
+def test_where_the_time_goes_is_measured_per_chunk(artifact):
+    with Runtime(artifact, devices=2, timeout_s=30) as rt:
+        for _ in range(5):
+            rt.run(feed(4))
+        breakdown = rt.time_breakdown(reset=True)
+        assert rt.time_breakdown()["chunks"] == 0  # reset
+    assert breakdown["chunks"] == 10  # two chunks per request, one per worker
+    phases = ("enqueue_ms", "queue_ms", "inputs_ms", "engine_ms", "outputs_ms", "return_ms")
+    assert all(breakdown[p] >= 0 for p in phases) and breakdown["engine_ms"] > 0

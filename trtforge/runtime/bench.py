@@ -69,6 +69,7 @@ def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: in
                     depth: int) -> dict[str, float]:
     for _ in range(warmup):
         runtime.run(feed)
+    runtime.time_breakdown(reset=True)  # what follows is measured
     latencies: list[float] = []
     in_flight: list[tuple[float, Any]] = []
     begin = time.perf_counter()
@@ -146,10 +147,13 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
             with Runtime(artifact, devices=list(range(n)) if on_gpu else n, backend=config.backend, outputs=config.outputs,
                          timeout_s=600) as runtime:
                 per_batch = {}
+                runtime.time_breakdown(reset=True)  # start-up and warm-up are not part of it
                 for b in config.batches:
                     per_batch[b] = measure_runtime(runtime, feeds[b], iterations=config.iterations,
                                                    warmup=config.warmup, depth=2 * n)
+                    per_batch[b]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)  # the pipelined run
                     per_batch[b]["single"] = single_latency(runtime, feeds[b], iterations=max(20, config.iterations // 4))
+                    per_batch[b]["single"]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)
                     if tokenize_s is not None:
                         per_batch[b]["tokenize_s"] = round(tokenize_s, 4)
                 runtime_parity = runtime.run(parity_feed)

@@ -12,6 +12,7 @@ WorkerError (WorkerDied, RequestTimeout); the other workers keep serving; nothin
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import threading
@@ -50,6 +51,8 @@ class _Request:
     slots: dict[int, int] = field(default_factory=dict)  # chunk -> worker slot
     rows: list[np.ndarray] | None = None  # per chunk, the request rows it holds (length-aware batches)
     text: bool = False  # a submit_text request: chunks are consecutive parts of the texts
+    submitted: float = 0.0  # time.monotonic() when submit was called, and when its chunks were queued
+    enqueued: float = 0.0
     mask: np.ndarray | None = None  # real positions of a length-aware request
     shape: dict[str, tuple[int, ...]] | None = None  # per output, the full result's shape
 
@@ -156,6 +159,7 @@ class Runtime:
             writer.close()  # the worker holds the only write end: its exit shows as EOF here
             self._workers.append(_Worker(slot, device, process, requests, reader))
         self._requests: dict[int, _Request] = {}
+        self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
@@ -213,6 +217,7 @@ class Runtime:
         on the devices that computed them (outputs="device")."""
         if self._closed:
             raise WorkerError("the runtime is closed")
+        submitted = time.monotonic()
         arrays = self._inputs(batch)
         rows = self._check(arrays)
         live = [w for w in self._workers if w.alive]
@@ -223,7 +228,7 @@ class Runtime:
         future: Future = Future()
         request_id = next(self._ids)
         with self._lock:
-            request = _Request(future, [None] * len(groups), time.monotonic() + self.timeout_s)
+            request = _Request(future, [None] * len(groups), time.monotonic() + self.timeout_s, submitted=submitted)
             if lengths is not None:
                 request.rows = [index for index, _ in groups]
                 request.shape = self._result_shapes(arrays, rows)
@@ -234,6 +239,7 @@ class Runtime:
                 worker.outstanding.add((request_id, chunk))
                 request.slots[chunk] = worker.slot
                 worker.requests.put(("run", request_id, chunk, self._slice(arrays, index, length)))
+            request.enqueued = time.monotonic()
         return future
 
     def _groups(self, rows: int, workers: int, lengths: np.ndarray | None) -> list[tuple[Any, int | None]]:
@@ -284,6 +290,7 @@ class Runtime:
             raise WorkerError("the runtime is closed")
         if self.text is None:
             raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
+        submitted = time.monotonic()
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode() takes a non-empty list of strings")
@@ -302,6 +309,7 @@ class Runtime:
                 worker.outstanding.add((request_id, chunk))
                 request.slots[chunk] = worker.slot
                 worker.requests.put(("encode", request_id, chunk, [texts[i] for i in part]))
+            request.submitted, request.enqueued = submitted, time.monotonic()
         return future
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -373,9 +381,11 @@ class Runtime:
                 self._reap()
 
     def _handle(self, message: tuple) -> None:
-        kind, request_id, chunk, slot, payload = message
+        kind, request_id, chunk, slot, payload, *rest = message
         self._workers[slot].outstanding.discard((request_id, chunk))
         request = self._requests.get(request_id)
+        if rest and request is not None:
+            self._record(request, rest[0])
         if request is None or request.future.done():
             return  # timed out or failed earlier
         if kind == "error":
@@ -385,6 +395,27 @@ class Runtime:
         if request.remaining == 0:
             del self._requests[request_id]
             request.future.set_result(self._assemble(request))
+
+    def _record(self, request: _Request, worker: dict[str, float]) -> None:
+        """One chunk's time, phase by phase (see time_breakdown)."""
+        record = {"enqueue_ms": 1e3 * (request.enqueued - request.submitted),
+                  "queue_ms": 1e3 * (worker["received"] - request.enqueued),
+                  "return_ms": 1e3 * (time.monotonic() - worker["sent"])}
+        record.update({k: v for k, v in worker.items() if k.endswith("_ms")})
+        self._timings.append(record)
+
+    def time_breakdown(self, *, reset: bool = False) -> dict[str, float]:
+        """Median milliseconds per chunk since the start (or the last reset), by phase: enqueue (the
+        caller splits and queues the request), queue (waiting in the worker's queue, and the pipe),
+        inputs (to the device), engine, outputs (back to the host), return (the result's trip back to
+        the caller); for text requests, worker (tokenization, chunks and pooling together)."""
+        import statistics
+
+        records = list(self._timings)
+        if reset:
+            self._timings.clear()
+        keys = sorted({k for r in records for k in r})
+        return {"chunks": len(records), **{k: round(statistics.median(r[k] for r in records if k in r), 4) for k in keys}}
 
     def _assemble(self, request: _Request) -> Any:
         chunks = request.chunks

@@ -46,14 +46,18 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
         if message is None:
             break
         kind, request_id, chunk, payload = message
+        received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
+        timings: dict[str, float] = {}
         try:
             if kind == "encode":
                 if text is None:
                     raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
                 result = text.encode(payload, lambda arrays: _run(engine, staging, arrays, device, "device", on_gpu))
+                timings["worker_ms"] = 1e3 * (time.monotonic() - received)
             else:
-                result = _run(engine, staging, payload, device, outputs_on, on_gpu)
-            responses.send(("result", request_id, chunk, slot, result))
+                result = _run(engine, staging, payload, device, outputs_on, on_gpu, timings)
+            timings["received"], timings["sent"] = received, time.monotonic()
+            responses.send(("result", request_id, chunk, slot, result, timings))
         except Exception as e:  # one bad request must not stop the worker
             responses.send(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                                                             f" [{traceback.extract_tb(e.__traceback__)[-1].name}]"))
@@ -63,12 +67,29 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
     engine.close()
 
 
-def _run(engine: Any, staging: Any, arrays: dict[str, Any], device: str, outputs_on: str, on_gpu: bool) -> dict[str, Any]:
+def _run(engine: Any, staging: Any, arrays: dict[str, Any], device: str, outputs_on: str, on_gpu: bool,
+         timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """One chunk through the engine; `timings` gets the milliseconds of inputs (to the device),
+    engine (to its last kernel, where outputs go to the host anyway) and outputs (back)."""
+    start = time.monotonic()
     feed = {name: staging.to_device(name, array, device) for name, array in arrays.items()}
+    inputs_done = time.monotonic()
     outputs = engine(feed)
     if outputs_on == "device" and on_gpu:
-        return {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
-    return {k: staging.to_host(k, v) for k, v in outputs.items()}
+        result = {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
+    else:
+        if on_gpu:
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
+        engine_done = time.monotonic()
+        result = {k: staging.to_host(k, v) for k, v in outputs.items()}
+    if timings is not None:
+        end = time.monotonic()
+        engine_end = end if outputs_on == "device" and on_gpu else engine_done
+        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_end - inputs_done),
+                       outputs_ms=1e3 * (end - engine_end))
+    return result
 
 
 def _zeros(spec: dict[str, Any], batch: int, length: int) -> Any:
