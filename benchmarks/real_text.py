@@ -45,7 +45,7 @@ def main() -> None:
     from trtforge.recipe import load_recipe
     from trtforge.runtime import Runtime
     from trtforge.runtime.baselines import torch_model
-    from trtforge.runtime.pool import buckets
+    from trtforge.runtime.batching import buckets
 
     recipe = load_recipe(args.recipe)
     build = Build(recipe, Path(args.engines), progress=Progress())

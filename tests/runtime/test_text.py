@@ -10,7 +10,7 @@ from trtforge.errors import ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.runtime import Runtime
-from trtforge.runtime.pool import buckets
+from trtforge.runtime.batching import buckets
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"

@@ -26,6 +26,7 @@ import numpy as np
 
 from trtforge.errors import CompatibilityError, ShapeError, TrtforgeError
 from trtforge.loader import check_shapes
+from trtforge.runtime.batching import as_array, buckets, concatenate_padded, real_lengths
 from trtforge.store import read_manifest
 
 
@@ -51,8 +52,8 @@ class _Request:
     slots: dict[int, int] = field(default_factory=dict)  # chunk -> worker slot
     rows: list[np.ndarray] | None = None  # per chunk, the request rows it holds (length-aware batches)
     text: bool = False  # a submit_text request: chunks are consecutive parts of the texts
-    submitted: float = 0.0  # time.monotonic() when submit was called, and when its chunks were queued
-    enqueued: float = 0.0
+    submitted: float = 0.0  # time.monotonic() when submit was called
+    queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its put
     mask: np.ndarray | None = None  # real positions of a length-aware request
     shape: dict[str, tuple[int, ...]] | None = None  # per output, the full result's shape
 
@@ -97,17 +98,7 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
     return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
 
 
-# Length-aware batches are cut to their longest row rounded up to a bucket, so that the engine meets
-# a few shapes (each warmed, or captured as a CUDA graph: at most 16 per engine) rather than one per
-# length: multiples of 8 tokens, coarser for long profiles so that there are at most 16.
-MAX_BUCKETS = 16
 CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the runtime closes
-
-
-def buckets(lo: int, hi: int) -> list[int]:
-    """The sequence lengths length-aware batches are cut to, within the profile [lo, hi]."""
-    step = max(8, math.ceil(math.ceil(hi / MAX_BUCKETS) / 8) * 8)
-    return sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)})
 
 
 class Runtime:
@@ -223,7 +214,7 @@ class Runtime:
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerDied("every worker has exited; create a new Runtime")
-        lengths = _lengths(arrays) if self.batching == "length" else None
+        lengths = real_lengths(arrays) if self.batching == "length" else None
         groups = self._groups(rows, len(live), lengths)
         future: Future = Future()
         request_id = next(self._ids)
@@ -238,8 +229,8 @@ class Runtime:
                 worker = min(live, key=lambda w: len(w.outstanding))
                 worker.outstanding.add((request_id, chunk))
                 request.slots[chunk] = worker.slot
+                request.queued[chunk] = time.monotonic()
                 worker.requests.put(("run", request_id, chunk, self._slice(arrays, index, length)))
-            request.enqueued = time.monotonic()
         return future
 
     def _groups(self, rows: int, workers: int, lengths: np.ndarray | None) -> list[tuple[Any, int | None]]:
@@ -308,8 +299,8 @@ class Runtime:
                 worker = min(live, key=lambda w: len(w.outstanding))
                 worker.outstanding.add((request_id, chunk))
                 request.slots[chunk] = worker.slot
+                request.submitted, request.queued[chunk] = submitted, time.monotonic()
                 worker.requests.put(("encode", request_id, chunk, [texts[i] for i in part]))
-            request.submitted, request.enqueued = submitted, time.monotonic()
         return future
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -335,7 +326,7 @@ class Runtime:
                                  + f"; this engine takes {', '.join(specs)}")
         arrays = {}
         for name, value in batch.items():
-            array = _numpy(value, name)
+            array = as_array(value, name)
             want = np.dtype(specs[name]["dtype"])
             if array.dtype != want:
                 if not np.can_cast(array.dtype, want, casting="same_kind") or array.dtype.kind == "f" and want.kind != "f":
@@ -385,7 +376,7 @@ class Runtime:
         self._workers[slot].outstanding.discard((request_id, chunk))
         request = self._requests.get(request_id)
         if rest and request is not None:
-            self._record(request, rest[0])
+            self._record(request, chunk, rest[0])
         if request is None or request.future.done():
             return  # timed out or failed earlier
         if kind == "error":
@@ -396,10 +387,11 @@ class Runtime:
             del self._requests[request_id]
             request.future.set_result(self._assemble(request))
 
-    def _record(self, request: _Request, worker: dict[str, float]) -> None:
+    def _record(self, request: _Request, chunk: int, worker: dict[str, float]) -> None:
         """One chunk's time, phase by phase (see time_breakdown)."""
-        record = {"enqueue_ms": 1e3 * (request.enqueued - request.submitted),
-                  "queue_ms": 1e3 * (worker["received"] - request.enqueued),
+        queued = request.queued[chunk]
+        record = {"enqueue_ms": 1e3 * (queued - request.submitted),
+                  "queue_ms": 1e3 * (worker["received"] - queued),
                   "return_ms": 1e3 * (time.monotonic() - worker["sent"])}
         record.update({k: v for k, v in worker.items() if k.endswith("_ms")})
         self._timings.append(record)
@@ -420,7 +412,7 @@ class Runtime:
     def _assemble(self, request: _Request) -> Any:
         chunks = request.chunks
         if request.text:  # per-worker parts in text order; per-token outputs padded to the longest
-            return {name: _concatenate_padded([c[name] for c in chunks]) for name in chunks[0]}
+            return {name: concatenate_padded([c[name] for c in chunks]) for name in chunks[0]}
         if self.outputs_on == "device":
             return chunks
         if request.rows is None:
@@ -497,42 +489,8 @@ def _serve(*args: Any) -> None:
     serve(*args)
 
 
-def _concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
-    if parts[0].ndim < 3 or len({p.shape[1] for p in parts}) == 1:
-        return np.concatenate(parts)
-    width = max(p.shape[1] for p in parts)
-    return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
-
-
-def _lengths(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Each row's real length, where the attention mask pads on the right (ones, then zeros);
-    None otherwise (left padding, or no mask): such requests keep their length."""
-    mask = arrays.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return None
-    lengths = mask.sum(axis=1)
-    if not np.array_equal(mask != 0, np.arange(mask.shape[1])[None, :] < lengths[:, None]):
-        return None
-    return np.maximum(lengths, 1)
-
-
 def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     import json
 
     rel = manifest["roles"].get("text-config")
     return json.loads((artifact / rel).read_text()) if rel else None
-
-
-def _numpy(value: Any, name: str = "input") -> np.ndarray:
-    if hasattr(value, "detach"):
-        if str(value.dtype) == "torch.bfloat16":
-            raise TypeError(f"input {name!r} is a bfloat16 tensor; numpy has no bfloat16: convert it "
-                            "(ids to int64, features to float32)")
-        return value.detach().cpu().numpy()
-    try:
-        array = np.asarray(value)  # lists of lists too
-    except ValueError:
-        array = np.empty(0, dtype=object)
-    if array.dtype == object:
-        raise TypeError(f"input {name!r} is not a rectangular array of numbers; pad the rows to one length")
-    return np.ascontiguousarray(array)

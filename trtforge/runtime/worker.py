@@ -116,7 +116,7 @@ class TextEncoder:
         self.sequence = profile["sequence"]
 
     def _bucket(self, length: int) -> int:
-        from trtforge.runtime.pool import buckets
+        from trtforge.runtime.batching import buckets
 
         return next(b for b in buckets(self.sequence[0], self.sequence[2]) if b >= length)
 
