@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 from trtforge.runtime import realtext as rtx
+from trtforge.tokens import TEXT_CONFIG
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     model, _ = torch_model(args.recipe, "cuda:0")
     engine = next(e for e in manifest["engines"] if e["status"] == "passed" and e["backend"] == "onnxruntime-cuda")
 
-    pooled = per_token and (artifact / "text.json").is_file()  # sentence embeddings are what it serves
+    pooled = per_token and (artifact / TEXT_CONFIG).is_file()  # sentence embeddings are what it serves
 
     record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(0), "host": platform.node(), "command": " ".join(["python", *sys.argv]),

@@ -160,9 +160,8 @@ class Build:
                                        f"{self.artifact / REPORT_FILES[1]})")
                 return BuildResult(self.artifact, manifest["parity"]["passed"], True, manifest)
             files, parity = self._run_stages()
-            published = self._package(files, parity)
+            published, manifest = self._package(files, parity)
             self.cache.prune(self.used_entries)
-        manifest = read_manifest(published)
         passed = manifest["parity"]["passed"]
         line = f"{'PASSED' if passed else 'FAILED'}  {published}  (report: {published / REPORT_FILES[1]})"
         if published != self.artifact:
@@ -308,7 +307,8 @@ class Build:
         return files, parity
 
     def _package(self, files: dict[str, tuple[Path, str | None]],
-                 parity_results: list[tuple[str, ParityResult]]) -> Path:
+                 parity_results: list[tuple[str, ParityResult]]) -> tuple[Path, dict[str, Any]]:
+        """Publish the artifact; returns where it went and its manifest (with every file's sha256)."""
         with self.progress.stage("package", "manifest, reports, hashes") as outcome:
             parity = parity_section(parity_results)
             recipe_text = self.recipe.path.read_text()
@@ -324,7 +324,7 @@ class Build:
             if destination == self.artifact:
                 remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded
             outcome["summary"] = f"{len(manifest['files'])} files, parity {'passed' if parity['passed'] else 'FAILED'}"
-        return published
+        return published, manifest
 
     @property
     def source_as_written(self) -> str:

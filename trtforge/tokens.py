@@ -17,8 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 TOKENIZER_DIR = "tokenizer"
 TEXT_CONFIG = "text.json"
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
@@ -52,15 +50,20 @@ def text_config(*, max_length: int, inputs: list[str], pooling: dict[str, Any] |
             "truncation": "texts longer than max_length tokens are cut to it: the artifact was validated up to it"}
 
 
-def pool(hidden: np.ndarray, mask: np.ndarray, pooling: dict[str, Any]) -> np.ndarray:
-    """sentence-transformers' pooling of per-token states (batch, tokens, hidden) over real tokens."""
-    mask = mask.astype(hidden.dtype)[..., None]
+def pool(hidden: Any, mask: Any, pooling: dict[str, Any]) -> Any:
+    """sentence-transformers' pooling of per-token states (batch, tokens, hidden) over real tokens,
+    in FP32, where the states are (a worker's GPU): a torch tensor for a torch tensor, a numpy array
+    for a numpy array."""
+    import torch
+
+    states = torch.as_tensor(hidden).float()
+    weights = torch.as_tensor(mask, device=states.device).float().unsqueeze(-1)
     if pooling["mode"] == "mean":
-        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
     elif pooling["mode"] == "cls":
-        pooled = hidden[:, 0]
+        pooled = states[:, 0]
     else:
-        pooled = np.where(mask > 0, hidden, -1e9).max(axis=1)
+        pooled = states.masked_fill(weights == 0, -1e9).amax(1)
     if pooling.get("normalize"):
-        pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-    return pooled.astype(np.float32)
+        pooled = torch.nn.functional.normalize(pooled, dim=1)
+    return pooled if isinstance(hidden, torch.Tensor) else pooled.numpy()

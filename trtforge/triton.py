@@ -124,33 +124,34 @@ def _text_model(pb: Any, artifact: Path, manifest: dict[str, Any], graph: Path) 
     """Strings in: the artifact's tokenizer, its validated truncation limit and its pooling, inside Triton."""
     text = json.loads((artifact / manifest["roles"]["text-config"]).read_text())
     config = pb.ModelConfig(name=f"{manifest['name']}_text", backend="python", max_batch_size=manifest["shapes"]["batch"][2])
-    config.input.add(name="TEXT", data_type=pb.DataType.Value("TYPE_STRING"), dims=[1])
     outputs = manifest["io"]["outputs"]
     if text.get("pooling"):  # one pooled vector per text
         [hidden] = [o["shape"][-1] for o in outputs[:1]]
         declared = {"embedding": ("TYPE_FP32", [hidden])}
     else:
         declared = {o["name"]: ("TYPE_FP32", _dims(o["shape"])) for o in outputs}
-    for name, (dtype, dims) in declared.items():
-        config.output.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+    io = {"inputs": {"TEXT": ("TYPE_STRING", [1])}, "outputs": declared}
+    _declare(pb, config, io)
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
     tokenizer_dir = artifact / text["tokenizer"]
     files = {"1/model.py": TEXT_MODEL, "1/model.onnx": graph, "1/text.json": artifact / manifest["roles"]["text-config"],
              "1/tokenizer.json": tokenizer_dir / "tokenizer.json",
              "1/tokenizer_config.json": tokenizer_dir / "tokenizer_config.json"}
-    io = {"inputs": {"TEXT": ("TYPE_STRING", [1])}, "outputs": declared}
     return TritonModel(config.name, config, files, io, served_here=True)
 
 
 def _io(pb: Any, config: Any, manifest: dict[str, Any]) -> None:
     """Inputs and outputs from the manifest: Triton's type names, dims without the batch axis
     (-1 where dynamic)."""
-    for spec in manifest["io"]["inputs"]:
-        config.input.add(name=spec["name"], data_type=pb.DataType.Value(TRITON_TYPES[spec["dtype"]]),
-                         dims=_dims(spec["shape"]))
-    for spec in manifest["io"]["outputs"]:
-        config.output.add(name=spec["name"], data_type=pb.DataType.Value(TRITON_TYPES[spec["dtype"]]),
-                          dims=_dims(spec["shape"]))
+    _declare(pb, config, manifest_io(manifest))
+
+
+def _declare(pb: Any, config: Any, io: dict[str, dict[str, tuple[str, list[int]]]]) -> None:
+    """A config's inputs and outputs from {"inputs"|"outputs": {name: (Triton type, dims)}}."""
+    for name, (dtype, dims) in io["inputs"].items():
+        config.input.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+    for name, (dtype, dims) in io["outputs"].items():
+        config.output.add(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
 
 
 def _dims(shape: list[Any]) -> list[int]:

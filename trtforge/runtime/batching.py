@@ -20,6 +20,12 @@ def buckets(lo: int, hi: int) -> list[int]:
     return sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)})
 
 
+def bucket_for(length: int, profile: tuple[int, int, int]) -> int:
+    """The bucket a chunk whose longest row has `length` tokens is cut to, for a sequence profile
+    (min, opt, max)."""
+    return next(b for b in buckets(profile[0], profile[2]) if b >= length)
+
+
 def concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
     if parts[0].ndim < 3 or len({p.shape[1] for p in parts}) == 1:
         return np.concatenate(parts)

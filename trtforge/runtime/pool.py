@@ -26,7 +26,7 @@ import numpy as np
 
 from trtforge.errors import CompatibilityError, ShapeError, TrtforgeError
 from trtforge.loader import check_shapes
-from trtforge.runtime.batching import as_array, buckets, concatenate_padded, real_lengths
+from trtforge.runtime.batching import as_array, bucket_for, concatenate_padded, real_lengths
 from trtforge.store import read_manifest
 
 
@@ -125,6 +125,7 @@ class Runtime:
         self.manifest = manifest
         self.inputs = manifest["io"]["inputs"]
         self.output_specs = {o["name"]: o for o in manifest["io"]["outputs"]}
+        self.sequence_inputs = {s["name"] for s in self.inputs if "sequence" in s["shape"]}
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
         self.max_batch = self.profile["batch"][2]
         self.outputs_on, self.timeout_s = outputs, timeout_s
@@ -247,12 +248,8 @@ class Runtime:
                 groups.append((slice(start, start + len(part)), None))
                 start += len(part)
             else:
-                groups.append((part, self._bucket(int(lengths[part].max()))))
+                groups.append((part, bucket_for(int(lengths[part].max()), self.profile["sequence"])))
         return groups
-
-    def _bucket(self, length: int) -> int:
-        lo, _, hi = self.profile["sequence"]
-        return next(b for b in buckets(lo, hi) if b >= length)
 
     def _slice(self, arrays: dict[str, np.ndarray], index: Any, length: int | None) -> dict[str, np.ndarray]:
         if length is None:
@@ -261,8 +258,7 @@ class Runtime:
                 for k, v in arrays.items()}
 
     def _has_sequence(self, name: str) -> bool:
-        spec = next((s for s in self.inputs if s["name"] == name), None)
-        return spec is not None and "sequence" in spec["shape"]
+        return name in self.sequence_inputs
 
     def _result_shapes(self, arrays: dict[str, np.ndarray], rows: int) -> dict[str, tuple[int, ...]]:
         """Each output's shape for the whole request: its sequence axis at the request's length."""
@@ -335,10 +331,12 @@ class Runtime:
             arrays[name] = array
         vocab = self.manifest["model"].get("vocab_size")
         ids = arrays.get("input_ids")
-        if vocab and ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ShapeError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab}); the model would read "
-                             "past its embedding table")
+        if vocab and ids is not None and ids.size:
+            lowest, highest = int(ids.min()), int(ids.max())
+            if lowest < 0 or highest >= vocab:
+                bad = lowest if lowest < 0 else highest
+                raise ShapeError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab}); the model would "
+                                 "read past its embedding table")
         return arrays
 
     def _check(self, arrays: dict[str, np.ndarray]) -> int:

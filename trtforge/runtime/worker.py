@@ -13,6 +13,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from trtforge.runtime.batching import bucket_for
+from trtforge.tokens import TEXT_CONFIG, pool
+
 
 def serve(slot: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
           requests: Any, responses: Any, warm: list[tuple[int, int]] = ()) -> None:
@@ -26,7 +29,7 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
         start = time.perf_counter()
         engine = trtforge.load(artifact, device, backend_name=backend_name)
         loaded_s = time.perf_counter() - start
-        text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / "text.json").is_file() else None
+        text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
         staging = _Staging()
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
             engine({spec["name"]: staging.to_device(spec["name"], _zeros(spec, batch, length), device)
@@ -109,16 +112,11 @@ class TextEncoder:
 
         import transformers
 
-        self.config = json.loads((artifact / "text.json").read_text())
+        self.config = json.loads((artifact / TEXT_CONFIG).read_text())
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
         self.tokenizer.padding_side = "right"  # the engine's positions count from the first column
         self.max_batch = profile["batch"][2]
         self.sequence = profile["sequence"]
-
-    def _bucket(self, length: int) -> int:
-        from trtforge.runtime.batching import buckets
-
-        return next(b for b in buckets(self.sequence[0], self.sequence[2]) if b >= length)
 
     def encode(self, texts: list[str], run: Any) -> dict[str, Any]:
         import numpy as np
@@ -128,7 +126,7 @@ class TextEncoder:
         order = np.argsort(lengths, kind="stable")
         results: dict[str, Any] = {}
         for part in np.array_split(order, max(1, -(-len(texts) // self.max_batch))):
-            width = self._bucket(int(lengths[part].max()))
+            width = bucket_for(int(lengths[part].max()), self.sequence)
             mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
             feed = {"attention_mask": mask}
             for name in self.config["inputs"]:
@@ -142,7 +140,7 @@ class TextEncoder:
             outputs = run({name: feed[name] for name in self.config["inputs"]})  # left where computed
             pooling = self.config.get("pooling")
             if pooling:  # on the device: only (rows, hidden) crosses to the host
-                outputs = {"embedding": pool_tensor(next(iter(outputs.values())), mask, pooling)}
+                outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
             outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
             for name, value in outputs.items():
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
@@ -154,23 +152,6 @@ class TextEncoder:
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
         return results
-
-
-def pool_tensor(hidden: Any, mask: Any, pooling: dict[str, Any]) -> Any:
-    """trtforge.tokens.pool for torch tensors, where they are (the worker's GPU)."""
-    import torch
-
-    hidden = torch.as_tensor(hidden).float()
-    weights = torch.as_tensor(mask, device=hidden.device).float().unsqueeze(-1)
-    if pooling["mode"] == "mean":
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
-    elif pooling["mode"] == "cls":
-        pooled = hidden[:, 0]
-    else:
-        pooled = hidden.masked_fill(weights == 0, -1e9).amax(1)
-    if pooling.get("normalize"):
-        pooled = torch.nn.functional.normalize(pooled, dim=1)
-    return pooled
 
 
 class _Staging:

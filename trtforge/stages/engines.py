@@ -172,17 +172,18 @@ def _start(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Pat
 def _wait(processes: dict[str, tuple[subprocess.Popen[str], Path]]) -> dict[str, dict[str, Any]]:
     results = {}
     for stage, (process, job_path) in processes.items():
+        result_path = job_path.parent / "result.json"
         try:
             output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
             results[stage] = {"error": f"worker took longer than {WORKER_TIMEOUT_S} s and was stopped"}
-        result_path = job_path.parent / "result.json"
-        if stage not in results and process.returncode == 0 and result_path.is_file():
-            results[stage] = json.loads(result_path.read_text())
-        elif stage not in results:
-            results[stage] = {"error": f"worker {_exit_reason(process.returncode)}: {output.strip()[-300:]}"}
+        else:
+            if process.returncode == 0 and result_path.is_file():
+                results[stage] = json.loads(result_path.read_text())
+            else:
+                results[stage] = {"error": f"worker {_exit_reason(process.returncode)}: {output.strip()[-300:]}"}
         result_path.unlink(missing_ok=True)
         (job_path.parent / "worker.log").write_text(output)
     return results
