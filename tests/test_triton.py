@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import minilm_available, tiny_recipe_text
+from tests.conftest import minilm_available, minilm_sentence_embeddings, tiny_recipe_text
 from trtforge.cli import main
 from trtforge.errors import ArtifactError
 from trtforge.triton import TritonConfigError, check_config, export_triton, plan_models
@@ -231,11 +231,7 @@ def test_tritonserver_serves_the_exported_minilm_with_parity(tmp_path, tritonser
     text = httpclient.InferInput("TEXT", [len(sentences), 1], "BYTES")
     text.set_data_from_numpy(np.array([[s.encode()] for s in sentences], dtype=object))
     embedded = client.infer("minilm_text", [text]).as_numpy("embedding")
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.inference_mode():
-        states = model(**batch).last_hidden_state
-    weights = batch["attention_mask"].unsqueeze(-1).float()
-    pooled = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=1).numpy()
+    pooled = minilm_sentence_embeddings(sentences)
     assert embedded.shape == (3, 384)
     assert np.abs(embedded - pooled).max() < 1e-4, np.abs(embedded - pooled).max()
     assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)

