@@ -19,7 +19,7 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
     recipe.write_text(text.replace('"feature-extraction"', '"sequence-classification"'))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "2", "--batches", "1,4",
-                                       "--sequence", "16", "--iterations", "10", "--warmup", "2"])
+                                       "--sequence", "16", "--iterations", "10", "--warmup", "2", "--callers", "2"])
     assert result.exit_code == 0, result.stderr
     bench_dir = out / "tiny-bert.bench"
     report = json.loads((bench_dir / "bench.json").read_text())
@@ -29,6 +29,7 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
         for b in ("1", "4"):
             row = report["results"]["runtime"][n][b]
             assert row["throughput"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+            assert row["callers"] == 2
             # Where the time went, per chunk, phase by phase (medians), pipelined and one at a time.
             for breakdown in (row["time_breakdown_ms"], row["single"]["time_breakdown_ms"]):
                 assert breakdown["chunks"] > 0 and breakdown["engine_ms"] > 0 and breakdown["queue_ms"] >= 0
@@ -37,8 +38,14 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
     assert report["scaling"]["1"]["1"] == 1.0 and "2" in report["scaling"]["4"]
     for plot in ("throughput_vs_devices.png", "latency_vs_batch.png"):
         assert (bench_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    # The runtime's overhead on one device: one request at a time against the engine's own time.
+    for b in ("1", "4"):
+        row = report["results"]["runtime"]["1"][b]
+        assert row["engine"]["p50_ms"] > 0
+        assert row["overhead"]["ms"] == pytest.approx(row["single"]["p50_ms"] - row["engine"]["p50_ms"], abs=1e-3)
     summary = (bench_dir / "bench.md").read_text()
     assert "Scaling efficiency" in summary and "runtime / DDP" in summary
+    assert "Runtime overhead" in summary and "Where the time goes" in summary
 
 
 def test_bench_rejects_bad_batches(tmp_path):

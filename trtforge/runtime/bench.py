@@ -36,6 +36,7 @@ class BenchConfig:
     workload: str | None = None  # "short" or "passage": real text (see realtext.py), padded per request
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
+    callers: int = 1  # caller threads submitting at once
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,27 +87,75 @@ def text_feed(loaded: Any, path: Path, rows: int, sequence: int) -> tuple[dict[s
 
 
 def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int, warmup: int,
-                    depth: int) -> dict[str, float]:
+                    depth: int, callers: int = 1) -> dict[str, float]:
+    """Throughput and latency with `depth` requests in flight, kept there by `callers` threads
+    (each with its share of the depth and of the iterations)."""
+    import threading
+
+    from trtforge.runtime.baselines import percentiles
+
     for _ in range(warmup):
         runtime.run(feed)
     runtime.time_breakdown(reset=True)  # what follows is measured
     latencies: list[float] = []
-    in_flight: list[tuple[float, Any]] = []
+    errors: list[BaseException] = []
+
+    def caller(count: int, window: int) -> None:
+        in_flight: list[tuple[float, Any]] = []
+        mine = []
+        try:
+            for _ in range(count):
+                if len(in_flight) >= window:
+                    start, future = in_flight.pop(0)
+                    future.result()
+                    mine.append(1e3 * (time.perf_counter() - start))
+                in_flight.append((time.perf_counter(), runtime.submit(feed)))
+            for start, future in in_flight:
+                future.result()
+                mine.append(1e3 * (time.perf_counter() - start))
+        except BaseException as e:  # re-raised in the bench's thread
+            errors.append(e)
+        latencies.extend(mine)
+
+    shares = [iterations // callers + (i < iterations % callers) for i in range(callers)]
+    threads = [threading.Thread(target=caller, args=(share, max(1, depth // callers))) for share in shares]
     begin = time.perf_counter()
-    for _ in range(iterations):
-        if len(in_flight) >= depth:
-            start, future = in_flight.pop(0)
-            future.result()
-            latencies.append(1e3 * (time.perf_counter() - start))
-        in_flight.append((time.perf_counter(), runtime.submit(feed)))
-    for start, future in in_flight:
-        future.result()
-        latencies.append(1e3 * (time.perf_counter() - start))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     elapsed = time.perf_counter() - begin
+    if errors:
+        raise errors[0]
     rows = len(next(iter(feed.values())))
+    return {"throughput": round(rows * iterations / elapsed, 1), "callers": callers, **percentiles(latencies)}
+
+
+def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, backend: str | None,
+                   iterations: int) -> dict[str, float]:
+    """The engine's own time per batch, inputs already on the device, one call at a time: what the
+    runtime's one-request-at-a-time latency is compared with (its overhead)."""
+    import torch
+
+    import trtforge
     from trtforge.runtime.baselines import percentiles
 
-    return {"throughput": round(rows * iterations / elapsed, 1), **percentiles(latencies)}
+    engine = trtforge.load(artifact, device, backend_name=backend)
+    try:
+        on_device = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+        for _ in range(10):
+            engine(on_device)
+        sync()
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            engine(on_device)
+            sync()
+            times.append(1e3 * (time.perf_counter() - start))
+    finally:
+        engine.close()
+    return percentiles(times)
 
 
 def single_latency(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int) -> dict[str, float]:
@@ -119,6 +168,20 @@ def single_latency(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int
         runtime.run(feed)
         times.append(1e3 * (time.perf_counter() - start))
     return percentiles(times)
+
+
+def _engine_feed(feed: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The feed as the runtime sends it to the engine: cut to its longest real row, rounded up to a
+    bucket, where length-aware batching would cut it."""
+    from trtforge.runtime.batching import bucket_for, real_lengths
+
+    lengths = real_lengths(feed)
+    sequence = manifest["shapes"].get("sequence")
+    if lengths is None or sequence is None:
+        return feed
+    cut = bucket_for(int(lengths.max()), tuple(sequence))
+    names = {s["name"] for s in manifest["io"]["inputs"] if "sequence" in s["shape"]}
+    return {k: np.ascontiguousarray(v[:, :cut]) if k in names else v for k, v in feed.items()}
 
 
 def _gpu0() -> Any:
@@ -173,7 +236,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                 runtime.time_breakdown(reset=True)  # start-up and warm-up are not part of it
                 for b in config.batches:
                     per_batch[b] = measure_runtime(runtime, feeds[b], iterations=config.iterations,
-                                                   warmup=config.warmup, depth=2 * n)
+                                                   warmup=config.warmup, depth=2 * n, callers=config.callers)
                     per_batch[b]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)  # the pipelined run
                     per_batch[b]["single"] = single_latency(runtime, feeds[b], iterations=max(20, config.iterations // 4))
                     per_batch[b]["single"]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)
@@ -190,6 +253,15 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                 backends = sorted({w["backend"] for w in runtime.workers})
             results["runtime"][n] = per_batch
             outcome["summary"] = _summary(per_batch) + f" [{', '.join(backends)}]"
+        if n == 1:  # the runtime's overhead: one request at a time against the engine's own time
+            device = "cuda:0" if on_gpu else "cpu"
+            for b in config.batches:
+                own = engine_latency(artifact, _engine_feed(feeds[b], manifest), device, config.backend,
+                                     iterations=max(20, config.iterations // 4))
+                single = per_batch[b]["single"]["p50_ms"]
+                per_batch[b]["engine"] = own
+                per_batch[b]["overhead"] = {"ms": round(single - own["p50_ms"], 4),
+                                            "percent": round(100 * (single - own["p50_ms"]) / own["p50_ms"], 2)}
         if "ddp" in config.baselines:
             with progress.stage("ddp", f"PyTorch DDP on {n} device(s)") as outcome:
                 ddp = run_ddp(n, str(recipe.path), list(config.batches), feeds, parity_feed,
@@ -270,7 +342,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# trtforge bench: {report['name']}", "",
              f"{report['date']}; devices {', '.join(report['host']['gpus']) or str(report['host']['cpu_workers']) + ' CPU workers'}; "
              f"sequence {config['sequence']}; {config['iterations']} iterations after {config['warmup']} warm-up; "
-             f"outputs to {config['outputs']}; inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
+             f"outputs to {config['outputs']}; {config.get('callers', 1)} caller thread(s); inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
              f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
              f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
              "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
@@ -294,6 +366,22 @@ def markdown(report: dict[str, Any]) -> str:
         ddp = report["scaling_ddp"].get(b, {})
         lines.append(f"| {b} | " + " | ".join(str(runtime[n]) for n in sorted(runtime, key=int)) + " | "
                      + " | ".join(str(ddp[n]) for n in sorted(ddp, key=int)) + " |")
+    one = r["runtime"].get(1) or r["runtime"].get("1") or {}
+    if any("overhead" in row for row in one.values()):
+        lines += ["", "## Runtime overhead, one request at a time on one device (ms)", "",
+                  "| batch | runtime p50 | engine's own p50 | overhead | overhead % |", "|---|---|---|---|---|"]
+        for b, row in one.items():
+            if "overhead" in row:
+                lines.append(f"| {b} | {row['single']['p50_ms']:.3f} | {row['engine']['p50_ms']:.3f} | "
+                             f"{row['overhead']['ms']:.3f} | {row['overhead']['percent']:.1f} |")
+    phases = ("enqueue_ms", "queue_ms", "inputs_ms", "engine_ms", "outputs_ms", "return_ms")
+    lines += ["", "## Where the time goes (runtime, pipelined; median ms per chunk)", "",
+              "| devices | batch | " + " | ".join(p[:-3] for p in phases) + " |", "|---|---|" + "---|" * len(phases)]
+    for n, per_batch in sorted(r["runtime"].items(), key=lambda kv: int(kv[0])):
+        for b, row in per_batch.items():
+            breakdown = row.get("time_breakdown_ms", {})
+            if breakdown.get("chunks"):
+                lines.append(f"| {n} | {b} | " + " | ".join(str(breakdown.get(p, "–")) for p in phases) + " |")
     lines += ["", "## Ratios", "", "| devices | per-device batch | runtime / DDP throughput |", "|---|---|---|"]
     for n, per_batch in r["ddp"].items():
         for b, row in per_batch.items():

@@ -5,9 +5,18 @@
 
 Processes, not threads: a process per device never serialises on the GIL, and a crash in one
 engine (a library abort, an out-of-memory kill) takes down only its worker. A batch larger than
-the devices can take at once is split into chunks within each engine's profile and spread over the
-live workers; results come back in input order. Errors in a worker reach the caller as
-WorkerError (WorkerDied, RequestTimeout); the other workers keep serving; nothing waits forever.
+the devices can take at once is split into chunks within each engine's profile; chunks wait in one
+queue and go to whichever worker has a free slot, and results come back in input order.
+
+The data path (runtime/shm.py): each worker has SLOTS slots of shared memory for inputs and as many
+for host outputs, created here and reused for the runtime's life. A chunk's inputs are written once,
+into a slot; the worker reads them in place and writes its host outputs into the caller's output
+slot; only descriptors cross the pipes. One receiver thread per worker copies results out (numpy
+copies run without the GIL, so workers' results are taken in parallel) and hands the slot on.
+
+Errors in a worker reach the caller as WorkerError (WorkerDied, RequestTimeout); the other workers
+keep serving; nothing waits forever. Any number of caller threads may submit at once; the runtime
+belongs to the process that created it (caller processes do not attach to it).
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from trtforge.errors import CompatibilityError, ShapeError, TrtforgeError
-from trtforge.loader import check_shapes
-from trtforge.runtime.batching import as_array, bucket_for, concatenate_padded, real_lengths
+from trtforge.errors import CompatibilityError, TrtforgeError
+from trtforge.runtime.batching import bucket_for, real_lengths
+from trtforge.runtime.requests import request_arrays, request_rows
+from trtforge.runtime.shm import ALIGN, SLOTS, Arena, max_bytes
 from trtforge.store import read_manifest
 
 
@@ -45,33 +55,46 @@ class RequestTimeout(WorkerError):
 
 
 @dataclass
+class _Chunk:
+    request_id: int
+    index: int
+    rows: Any  # a slice or an index array of the request's rows (texts, for a text request)
+    length: int | None = None  # the sequence length it is cut to (length-aware batches)
+
+
+@dataclass
 class _Request:
     future: Future
-    chunks: list[Any]
+    arrays: dict[str, np.ndarray] | list[str]  # the inputs (token ids), or the texts
+    chunks: list[_Chunk]
     deadline: float
-    slots: dict[int, int] = field(default_factory=dict)  # chunk -> worker slot
-    rows: list[np.ndarray] | None = None  # per chunk, the request rows it holds (length-aware batches)
-    text: bool = False  # a submit_text request: chunks are consecutive parts of the texts
-    submitted: float = 0.0  # time.monotonic() when submit was called
-    queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its put
+    submitted: float  # time.monotonic() when submit was called
+    text: bool = False
+    length: int = 0  # the request's sequence length (the shape results come back in)
     mask: np.ndarray | None = None  # real positions of a length-aware request
-    shape: dict[str, tuple[int, ...]] | None = None  # per output, the full result's shape
-
-    @property
-    def remaining(self) -> int:
-        return sum(c is None for c in self.chunks)
+    results: dict[str, np.ndarray] | None = None  # host outputs, filled in as chunks come back
+    parts: dict[int, Any] = field(default_factory=dict)  # per chunk: device outputs, or text results
+    done: int = 0
+    workers: dict[int, int] = field(default_factory=dict)  # chunk -> worker index
+    queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
 class _Worker:
-    slot: int
+    index: int
     device: str
     process: Any
-    requests: Any
-    responses: Any  # the read end of this worker's own pipe
+    requests: Any  # the write end of this worker's request pipe
+    responses: Any  # the read end of this worker's own answer pipe
+    inputs: Arena
+    outputs: Arena
     info: dict[str, Any] = field(default_factory=dict)
-    outstanding: set[tuple[int, int]] = field(default_factory=set)
+    free: list[int] = field(default_factory=lambda: list(range(SLOTS)))
+    outstanding: dict[tuple[int, int], int] = field(default_factory=dict)  # (request, chunk) -> slot
     alive: bool = True
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    receiver: threading.Thread | None = None
 
 
 def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
@@ -99,6 +122,7 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
 
 
 CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the runtime closes
+TEXT_BYTES_PER_TOKEN = 16  # texts are cut at max_length x this many characters before they are sent
 
 
 class Runtime:
@@ -110,7 +134,8 @@ class Runtime:
     zeros at padded positions of per-token outputs (positions no consumer reads). `"fixed"` keeps
     every row at the request's length. `warm`: (batch, sequence) shapes each worker runs once before
     the runtime is ready, so first requests do not pay the engine's per-shape set-up; `rt.startup_s`
-    says how long start-up took.
+    says how long start-up took. Inputs are read when their chunk is sent to a worker: do not change
+    arrays passed to submit() until its future is done.
     """
 
     def __init__(self, artifact: str | Path, devices: str | int | Sequence[int | str] = "all", *,
@@ -137,102 +162,119 @@ class Runtime:
                              "or batching='fixed'")
         self.text = _text_config(self.artifact, manifest)
         self.devices = resolve_devices(devices)
-        context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
-        self._workers: list[_Worker] = []
-        for slot, device in enumerate(self.devices):
-            requests = context.Queue()
-            # One pipe per worker for its answers: a shared queue's write lock, held by a worker that
-            # is killed mid-send, would block every other worker for good.
-            reader, writer = context.Pipe(duplex=False)
-            process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{slot}",
-                                      args=(slot, str(self.artifact), device, backend, outputs, requests, writer,
-                                            [tuple(w) for w in warm]))
-            process.start()
-            writer.close()  # the worker holds the only write end: its exit shows as EOF here
-            self._workers.append(_Worker(slot, device, process, requests, reader))
         self._requests: dict[int, _Request] = {}
+        self._pending: collections.deque[_Chunk] = collections.deque()
         self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._workers: list[_Worker] = []
+        input_bytes, output_bytes = self._slot_bytes()
+        context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
+        for index, device in enumerate(self.devices):
+            inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
+            outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
+            requests_reader, requests_writer = context.Pipe(duplex=False)
+            # One answer pipe per worker: a shared queue's write lock, held by a worker that is killed
+            # mid-send, would block every other worker for good.
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{index}",
+                                      args=(index, str(self.artifact), device, backend, outputs, requests_reader,
+                                            writer, [tuple(w) for w in warm],
+                                            (inputs.handle(), outputs_arena.handle())))
+            process.start()
+            writer.close()  # the worker holds the only write end: its exit shows as EOF here
+            requests_reader.close()
+            self._workers.append(_Worker(index, device, process, requests_writer, reader, inputs, outputs_arena))
         try:
             self._wait_ready(start_timeout_s)
         except BaseException:
             self.close()
             raise
-        self._collector = threading.Thread(target=self._collect, name="trtforge-collector", daemon=True)
-        self._collector.start()
+        for worker in self._workers:
+            worker.receiver = threading.Thread(target=self._receive, args=(worker,), daemon=True,
+                                               name=f"trtforge-receiver-{worker.index}")
+            worker.receiver.start()
+        self._watcher = threading.Thread(target=self._watch, name="trtforge-watcher", daemon=True)
+        self._watcher.start()
         self.startup_s = round(time.perf_counter() - started, 3)
+
+    def _slot_bytes(self) -> tuple[int, int]:
+        """One chunk at the profile's largest shapes: its inputs (or its texts), its host outputs
+        (at least 4 bytes an element: FP16 engines may return FP32)."""
+        largest = {name: hi for name, (_, _, hi) in self.profile.items()}
+        inputs = max_bytes(self.inputs, largest)
+        if self.text is not None:
+            # UTF-8 takes at most 4 bytes a character; 8 bytes of end offset per text.
+            per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
+            inputs = max(inputs, self.max_batch * per_text + 2 * ALIGN)
+        if self.outputs_on == "device" and self.text is None:
+            return inputs, ALIGN  # results stay on the devices
+        specs = list(self.output_specs.values())
+        wide = {s["name"]: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"] for s in specs}
+        return inputs, max_bytes(specs, largest, wide)
 
     # --- start-up -------------------------------------------------------------------------------------
     def _wait_ready(self, timeout_s: float) -> None:
+        from multiprocessing.connection import wait
+
         deadline = time.monotonic() + timeout_s
-        waiting = {w.slot for w in self._workers}
+        waiting = {w.index: w for w in self._workers}
         while waiting:
-            pending = [self._workers[slot] for slot in waiting]
-            for worker, message in self._receive(pending, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
-                if message is None:
+            by_reader = {id(w.responses): w for w in waiting.values()}
+            timeout = min(1.0, max(0.1, deadline - time.monotonic()))
+            for reader in wait([w.responses for w in waiting.values()], timeout=timeout):
+                worker = by_reader[id(reader)]
+                try:
+                    kind, index, payload = reader.recv()
+                except Exception:  # EOF, or a message cut short by the worker's death
                     worker.process.join(timeout=5)  # its exit code, not None
                     raise WorkerDied(f"worker for {worker.device} exited while loading "
-                                     f"(exit code {worker.process.exitcode})")
-                kind, slot, payload = message
+                                     f"(exit code {worker.process.exitcode})") from None
                 if kind == "failed":
                     raise WorkerError(f"worker for {worker.device} could not load the engine: {payload}")
                 worker.info = payload
-                waiting.discard(slot)
+                waiting.pop(index)
             if waiting and time.monotonic() > deadline:
                 raise RequestTimeout(f"workers for {sorted(waiting)} not ready after {timeout_s:.0f} s")
 
-    @staticmethod
-    def _receive(workers: list[_Worker], timeout: float) -> list[tuple[_Worker, Any]]:
-        """Messages from whichever workers have one; (worker, None) for a worker whose pipe closed."""
-        from multiprocessing.connection import wait
-
-        by_reader = {id(w.responses): w for w in workers}
-        received = []
-        for reader in wait([w.responses for w in workers], timeout=timeout):
-            worker = by_reader[id(reader)]
-            try:
-                received.append((worker, reader.recv()))
-            except Exception:  # EOF, or a message cut short by the worker's death: the pipe is done
-                received.append((worker, None))
-        return received
-
     @property
     def workers(self) -> list[dict[str, Any]]:
-        return [{"slot": w.slot, "device": w.device, "alive": w.alive, **w.info} for w in self._workers]
+        return [{"index": w.index, "device": w.device, "alive": w.alive, **w.info} for w in self._workers]
 
     # --- requests -------------------------------------------------------------------------------------
     def submit(self, batch: Mapping[str, Any]) -> Future:
         """Send a batch of named tensors (numpy or torch); the future's result is a dict of outputs
         in input order: numpy arrays (outputs="host"), or a list of per-chunk dicts of torch tensors
         on the devices that computed them (outputs="device")."""
+        submitted = time.monotonic()
+        self._check_open()
+        arrays = self._inputs(batch)
+        rows = request_rows(arrays, self.inputs, self.profile, self.sequence_inputs)
+        live = self._live()
+        lengths = real_lengths(arrays) if self.batching == "length" else None
+        request_id = next(self._ids)
+        chunks = [_Chunk(request_id, i, index, length)
+                  for i, (index, length) in enumerate(self._groups(rows, len(live), lengths))]
+        request = _Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
+        sequence = [v.shape[1] for k, v in arrays.items() if k in self.sequence_inputs and v.ndim > 1]
+        request.length = sequence[0] if sequence else 0
+        if lengths is not None:
+            request.mask = arrays["attention_mask"] != 0
+        return self._enqueue(request)
+
+    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return request_arrays(batch, self.inputs, self.manifest["model"].get("vocab_size"))
+
+    def _check_open(self) -> None:
         if self._closed:
             raise WorkerError("the runtime is closed")
-        submitted = time.monotonic()
-        arrays = self._inputs(batch)
-        rows = self._check(arrays)
+
+    def _live(self) -> list[_Worker]:
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerDied("every worker has exited; create a new Runtime")
-        lengths = real_lengths(arrays) if self.batching == "length" else None
-        groups = self._groups(rows, len(live), lengths)
-        future: Future = Future()
-        request_id = next(self._ids)
-        with self._lock:
-            request = _Request(future, [None] * len(groups), time.monotonic() + self.timeout_s, submitted=submitted)
-            if lengths is not None:
-                request.rows = [index for index, _ in groups]
-                request.shape = self._result_shapes(arrays, rows)
-                request.mask = arrays["attention_mask"] != 0
-            self._requests[request_id] = request
-            for chunk, (index, length) in enumerate(groups):
-                worker = min(live, key=lambda w: len(w.outstanding))
-                worker.outstanding.add((request_id, chunk))
-                request.slots[chunk] = worker.slot
-                request.queued[chunk] = time.monotonic()
-                worker.requests.put(("run", request_id, chunk, self._slice(arrays, index, length)))
-        return future
+        return live
 
     def _groups(self, rows: int, workers: int, lengths: np.ndarray | None) -> list[tuple[Any, int | None]]:
         """Chunks of the request as (rows, sequence length to cut to): at most the profile's max batch,
@@ -251,53 +293,28 @@ class Runtime:
                 groups.append((part, bucket_for(int(lengths[part].max()), self.profile["sequence"])))
         return groups
 
-    def _slice(self, arrays: dict[str, np.ndarray], index: Any, length: int | None) -> dict[str, np.ndarray]:
-        if length is None:
-            return {k: v[index] for k, v in arrays.items()}
-        return {k: np.ascontiguousarray(v[index][:, :length] if self._has_sequence(k) else v[index])
-                for k, v in arrays.items()}
-
-    def _has_sequence(self, name: str) -> bool:
-        return name in self.sequence_inputs
-
-    def _result_shapes(self, arrays: dict[str, np.ndarray], rows: int) -> dict[str, tuple[int, ...]]:
-        """Each output's shape for the whole request: its sequence axis at the request's length."""
-        length = next(v.shape[1] for k, v in arrays.items() if self._has_sequence(k))
-        shapes = {}
-        for name, spec in self.output_specs.items():
-            shapes[name] = tuple(rows if d == "batch" else length if d == "sequence" else d for d in spec["shape"])
-        return shapes
-
     def submit_text(self, texts: Sequence[str]) -> Future:
         """Send strings; the workers tokenize them (in parallel, with the artifact's tokenizer and its
-        validated truncation limit), run them in length-sorted batches, and apply the artifact's
-        pooling. The future's result: {"embedding": (n, hidden)} where the model has pooling, else the
-        model's outputs in text order (per-token outputs padded with zeros to the longest text)."""
-        if self._closed:
-            raise WorkerError("the runtime is closed")
+        validated truncation limit, while their engines run), run them in length-sorted batches, and
+        apply the artifact's pooling. The future's result: {"embedding": (n, hidden)} where the model
+        has pooling, else the model's outputs in text order (per-token outputs padded with zeros to
+        the longest text). Texts are cut at max_length x 16 characters before they are sent, far
+        past what the tokenizer keeps."""
+        submitted = time.monotonic()
+        self._check_open()
         if self.text is None:
             raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
-        submitted = time.monotonic()
         texts = list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode() takes a non-empty list of strings")
-        live = [w for w in self._workers if w.alive]
-        if not live:
-            raise WorkerDied("every worker has exited; create a new Runtime")
-        parts = [p for p in np.array_split(np.arange(len(texts)), len(live)) if len(p)]
-        future: Future = Future()
+        live = self._live()
+        cut = TEXT_BYTES_PER_TOKEN * self.text["max_length"]
+        texts = [t[:cut] for t in texts]
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
+        count = max(math.ceil(len(texts) / self.max_batch), min(len(live), len(texts)))
         request_id = next(self._ids)
-        with self._lock:
-            request = _Request(future, [None] * len(parts), time.monotonic() + self.timeout_s)
-            request.text = True
-            self._requests[request_id] = request
-            for chunk, part in enumerate(parts):
-                worker = min(live, key=lambda w: len(w.outstanding))
-                worker.outstanding.add((request_id, chunk))
-                request.slots[chunk] = worker.slot
-                request.submitted, request.queued[chunk] = submitted, time.monotonic()
-                worker.requests.put(("encode", request_id, chunk, [texts[i] for i in part]))
-        return future
+        chunks = [_Chunk(request_id, i, part) for i, part in enumerate(np.array_split(order, count))]
+        return self._enqueue(_Request(Future(), texts, chunks, submitted + self.timeout_s, submitted, text=True))
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
@@ -306,99 +323,152 @@ class Runtime:
     def run(self, batch: Mapping[str, Any], timeout: float | None = None) -> Any:
         return self.submit(batch).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
 
-    def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The request as arrays of the engine's dtypes, or a clear error at the call: unknown or
-        misspelled names, types that cannot be cast safely, token ids outside the vocabulary."""
-        import difflib
+    def _enqueue(self, request: _Request) -> Future:
+        with self._lock:
+            self._requests[request.chunks[0].request_id] = request
+            self._pending.extend(request.chunks)
+        self._dispatch()
+        return request.future
 
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"a request is a dict of named inputs ({', '.join(s['name'] for s in self.inputs)}), "
-                            f"got {type(batch).__name__}")
-        specs = {s["name"]: s for s in self.inputs}
-        for name in batch:
-            if name not in specs:
-                close = difflib.get_close_matches(name, specs, n=1)
-                raise ShapeError(f"unknown input {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                                 + f"; this engine takes {', '.join(specs)}")
-        arrays = {}
-        for name, value in batch.items():
-            array = as_array(value, name)
-            want = np.dtype(specs[name]["dtype"])
-            if array.dtype != want:
-                if not np.can_cast(array.dtype, want, casting="same_kind") or array.dtype.kind == "f" and want.kind != "f":
-                    raise TypeError(f"input {name!r} is {array.dtype}, the engine takes {want}; convert it")
-                array = array.astype(want)
-            arrays[name] = array
-        vocab = self.manifest["model"].get("vocab_size")
-        ids = arrays.get("input_ids")
-        if vocab and ids is not None and ids.size:
-            lowest, highest = int(ids.min()), int(ids.max())
-            if lowest < 0 or highest >= vocab:
-                bad = lowest if lowest < 0 else highest
-                raise ShapeError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab}); the model would "
-                                 "read past its embedding table")
-        return arrays
+    def _dispatch(self) -> None:
+        """Pending chunks to workers with a free slot (the one with the most free slots first)."""
+        while True:
+            with self._lock:
+                if self._closed or not self._pending:
+                    return
+                ready = [w for w in self._workers if w.alive and w.free]
+                if not ready:
+                    return
+                worker = max(ready, key=lambda w: len(w.free))
+                chunk = self._pending.popleft()
+                request = self._requests.get(chunk.request_id)
+                if request is None:  # failed or timed out while it waited
+                    continue
+                slot = worker.free.pop()
+                worker.outstanding[(chunk.request_id, chunk.index)] = slot
+                request.workers[chunk.index] = worker.index
+            self._send(worker, slot, request, chunk)
 
-    def _check(self, arrays: dict[str, np.ndarray]) -> int:
-        rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
-        if len(rows) != 1:
-            raise ShapeError(f"inputs disagree on the batch size: {sorted(rows)}")
-        lengths = {k: a.shape[1] for k, a in arrays.items() if self._has_sequence(k) and a.ndim > 1}
-        if len(set(lengths.values())) > 1:
-            raise ShapeError(f"inputs disagree on the sequence length: {lengths}")
-        count = rows.pop()
-        lo_batch = self.profile["batch"][0]
-        if count < lo_batch:
-            raise ShapeError(f"batch {count} is below the engine's profile min {lo_batch}; send at least "
-                             f"{lo_batch} rows or rebuild with a smaller [shapes] batch min")
-        # Each chunk must fit the profile: check one row against every other axis.
-        check_shapes(self.inputs, {**self.profile, "batch": (1, 1, self.max_batch)},
-                     {k: v[:1] for k, v in arrays.items()})
-        return count
+    def _send(self, worker: _Worker, slot: int, request: _Request, chunk: _Chunk) -> None:
+        """The chunk's inputs into the worker's slot, then its descriptor down the worker's pipe."""
+        if request.text:
+            layout = worker.inputs.write_texts(slot, [request.arrays[i] for i in chunk.rows])
+            kind = "encode"
+        else:
+            layout = worker.inputs.write(slot, self._slice(request.arrays, chunk))
+            kind = "run"
+        if layout is None:  # cannot happen for checked requests: slots hold the profile's largest chunk
+            raise AssertionError("a chunk larger than its slot")
+        request.queued[chunk.index] = time.monotonic()
+        try:
+            with worker.send_lock:
+                worker.requests.send((kind, chunk.request_id, chunk.index, slot, layout))
+        except (OSError, ValueError):
+            pass  # the worker has exited: its receiver fails what it held, this chunk included
+
+    def _slice(self, arrays: dict[str, np.ndarray], chunk: _Chunk) -> dict[str, np.ndarray]:
+        if chunk.length is None:
+            return {k: v[chunk.rows] for k, v in arrays.items()}
+        return {k: v[chunk.rows, :chunk.length] if k in self.sequence_inputs else v[chunk.rows]
+                for k, v in arrays.items()}
 
     # --- results --------------------------------------------------------------------------------------
-    def _collect(self) -> None:
-        while not self._closed:
-            live = [w for w in self._workers if w.alive]
-            if not live:
-                time.sleep(0.1)
-            received = self._receive(live, timeout=0.1) if live else []
-            with self._lock:
-                for _, message in received:
-                    if message is not None:  # a closed pipe is handled by _reap, from the exit code
-                        self._handle(message)
-                self._reap()
+    def _receive(self, worker: _Worker) -> None:
+        """This worker's answers, until its pipe closes (the worker exited)."""
+        while True:
+            try:
+                message = worker.responses.recv()
+            except Exception:  # EOF, or a message cut short by the worker's death
+                break
+            self._handle(worker, message)
+        self._exited(worker)
 
-    def _handle(self, message: tuple) -> None:
-        kind, request_id, chunk, slot, payload, *rest = message
-        self._workers[slot].outstanding.discard((request_id, chunk))
-        request = self._requests.get(request_id)
-        if rest and request is not None:
-            self._record(request, chunk, rest[0])
-        if request is None or request.future.done():
-            return  # timed out or failed earlier
-        if kind == "error":
-            self._fail(request_id, WorkerError(f"worker {slot} ({self._workers[slot].device}): {payload}"))
-            return
-        request.chunks[chunk] = payload
-        if request.remaining == 0:
-            del self._requests[request_id]
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind, request_id, chunk, _, payload, timings = message
+        with self._lock:
+            slot = worker.outstanding.pop((request_id, chunk), None)
+            request = self._requests.get(request_id)
+        try:
+            if request is not None:
+                self._record(request, chunk, timings)
+                if kind == "error":
+                    self._fail(request_id, WorkerError(f"worker {worker.index} ({worker.device}): {payload}"))
+                else:
+                    self._take(request, chunk, worker, slot, payload)
+        except Exception as e:  # a bug here must fail the request, not the receiver
+            self._fail(request_id, WorkerError(f"results of worker {worker.index}: {type(e).__name__}: {e}"))
+        finally:
+            if slot is not None:
+                with self._lock:
+                    worker.free.append(slot)
+            self._dispatch()
+
+    def _take(self, request: _Request, chunk: int, worker: _Worker, slot: int | None, payload: tuple) -> None:
+        """One chunk's outputs out of the worker's slot, into the request's results."""
+        where, data = payload
+        outputs = worker.outputs.views(slot, data) if where == "shm" else data
+        if request.text or self.outputs_on == "device":
+            request.parts[chunk] = {k: v.copy() for k, v in outputs.items()} if where == "shm" else outputs
+        else:
+            with request.lock:
+                if request.results is None:
+                    request.results = self._allocate(request, outputs)
+            rows = request.chunks[chunk].rows
+            for name, part in outputs.items():
+                request.results[name][(rows, *(slice(0, n) for n in part.shape[1:]))] = part
+        with self._lock:
+            request.done += 1
+            complete = request.done == len(request.chunks) and self._requests.pop(request.chunks[0].request_id, None)
+        if complete:
             request.future.set_result(self._assemble(request))
+
+    def _allocate(self, request: _Request, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each output for the whole request: the request's rows, its sequence axis at the request's length."""
+        rows = len(next(iter(request.arrays.values())))
+        results = {}
+        for name, part in outputs.items():
+            axes = self.output_specs.get(name, {}).get("shape", [])
+            shape = [rows] + [request.length if i + 1 < len(axes) and axes[i + 1] == "sequence" else n
+                              for i, n in enumerate(part.shape[1:])]
+            results[name] = np.zeros(shape, dtype=part.dtype)
+        return results
+
+    def _assemble(self, request: _Request) -> Any:
+        if request.text:  # parts in text order; per-token outputs padded with zeros to the longest
+            parts = [request.parts[i] for i in range(len(request.chunks))]
+            results = {}
+            for name in parts[0]:
+                pieces = [p[name] for p in parts]
+                shape = (len(request.arrays), *np.max([p.shape[1:] for p in pieces], axis=0).tolist())
+                results[name] = np.zeros(shape, dtype=pieces[0].dtype)
+                for chunk, piece in zip(request.chunks, pieces):
+                    results[name][(chunk.rows, *(slice(0, n) for n in piece.shape[1:]))] = piece
+            return results
+        if self.outputs_on == "device":
+            return [request.parts[i] for i in range(len(request.chunks))]
+        if request.mask is not None:  # padded positions: the same (meaningless) zeros whatever the cut
+            for name, full in request.results.items():
+                if "sequence" in self.output_specs.get(name, {}).get("shape", []):
+                    full[~request.mask] = 0
+        return request.results
 
     def _record(self, request: _Request, chunk: int, worker: dict[str, float]) -> None:
         """One chunk's time, phase by phase (see time_breakdown)."""
-        queued = request.queued[chunk]
-        record = {"enqueue_ms": 1e3 * (queued - request.submitted),
-                  "queue_ms": 1e3 * (worker["received"] - queued),
-                  "return_ms": 1e3 * (time.monotonic() - worker["sent"])}
+        queued = request.queued.get(chunk)
+        if queued is None or "received" not in worker:
+            return
+        record = {"enqueue_ms": 1e3 * (queued - request.submitted), "queue_ms": 1e3 * (worker["received"] - queued)}
+        if "sent" in worker:
+            record["return_ms"] = 1e3 * (time.monotonic() - worker["sent"])
         record.update({k: v for k, v in worker.items() if k.endswith("_ms")})
         self._timings.append(record)
 
     def time_breakdown(self, *, reset: bool = False) -> dict[str, float]:
         """Median milliseconds per chunk since the start (or the last reset), by phase: enqueue (the
-        caller splits and queues the request), queue (waiting in the worker's queue, and the pipe),
-        inputs (to the device), engine, outputs (back to the host), return (the result's trip back to
-        the caller); for text requests, worker (tokenization, chunks and pooling together)."""
+        caller splits the request, waits for a free slot and writes the inputs into it), queue (the
+        descriptor's trip to the worker), inputs (to the device), engine, outputs (back to the host,
+        into the caller's slot), return (the descriptor's trip back); for text requests, worker
+        (chunks and pooling; tokenization is done while the previous chunk runs)."""
         import statistics
 
         records = list(self._timings)
@@ -407,62 +477,56 @@ class Runtime:
         keys = sorted({k for r in records for k in r})
         return {"chunks": len(records), **{k: round(statistics.median(r[k] for r in records if k in r), 4) for k in keys}}
 
-    def _assemble(self, request: _Request) -> Any:
-        chunks = request.chunks
-        if request.text:  # per-worker parts in text order; per-token outputs padded to the longest
-            return {name: concatenate_padded([c[name] for c in chunks]) for name in chunks[0]}
-        if self.outputs_on == "device":
-            return chunks
-        if request.rows is None:
-            return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
-        results = {}
-        for name, shape in request.shape.items():  # scatter rows back into input order, unpadding
-            full = np.zeros(shape, dtype=chunks[0][name].dtype)
-            for rows, chunk in zip(request.rows, chunks):
-                part = chunk[name]
-                full[(rows, *(slice(0, n) for n in part.shape[1:]))] = part
-            if "sequence" in self.output_specs[name]["shape"]:
-                full[~request.mask] = 0  # padded positions: the same (meaningless) zeros whatever the cut
-            results[name] = full
-        return results
-
     def _fail(self, request_id: int, error: Exception) -> None:
-        request = self._requests.pop(request_id, None)
+        with self._lock:
+            request = self._requests.pop(request_id, None)
         if request is not None and not request.future.done():
             request.future.set_exception(error)
 
-    def _reap(self) -> None:
-        """Fail what a dead worker held, and what has waited past its deadline."""
-        for worker in self._workers:
-            if worker.alive and not worker.process.is_alive():
-                worker.alive = False
-                for request_id, _ in list(worker.outstanding):
-                    self._fail(request_id, WorkerDied(
-                        f"worker {worker.slot} ({worker.device}) exited with code {worker.process.exitcode} "
-                        "during the request; the other workers keep serving"))
-                worker.outstanding.clear()
-        now = time.monotonic()
-        for request_id, request in list(self._requests.items()):
-            if now > request.deadline:
-                slots = sorted(set(request.slots.values()))
-                self._fail(request_id, RequestTimeout(f"no answer within {self.timeout_s:.0f} s from worker(s) "
-                                                      f"{slots}"))
+    def _exited(self, worker: _Worker) -> None:
+        """The worker's pipe closed: fail what it held (and, if it was the last, what waits)."""
+        worker.process.join(timeout=5)
+        with self._lock:
+            worker.alive = False
+            failed = {request_id for request_id, _ in worker.outstanding}
+            worker.outstanding.clear()
+            if not any(w.alive for w in self._workers):
+                failed |= {c.request_id for c in self._pending}
+                self._pending.clear()
+        error = (WorkerError("the runtime was closed") if self._closed else
+                 WorkerDied(f"worker {worker.index} ({worker.device}) exited with code {worker.process.exitcode} "
+                            "during the request; the other workers keep serving"))
+        for request_id in failed:
+            self._fail(request_id, error)
+        self._dispatch()
+
+    def _watch(self) -> None:
+        """Fail what has waited past its deadline."""
+        while not self._closed:
+            time.sleep(0.05)
+            now = time.monotonic()
+            with self._lock:
+                late = [(i, r) for i, r in self._requests.items() if now > r.deadline]
+            for request_id, request in late:
+                workers = sorted(set(request.workers.values()))
+                self._fail(request_id, RequestTimeout(f"no answer within {self.timeout_s:.0f} s"
+                                                      + (f" from worker(s) {workers}" if workers else
+                                                         " (every worker busy with earlier requests)")))
 
     # --- shutdown -------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop every worker and release its device; pending requests fail."""
+        """Stop every worker and release its device and shared memory; pending requests fail."""
         if self._closed:
             return
         self._closed = True
         for worker in self._workers:
-            # The queue's feeder thread may be blocked on a full pipe to a stopped or dead worker:
-            # never let interpreter exit wait on it.
-            worker.requests.cancel_join_thread()
-            if worker.process.is_alive() and not worker.outstanding:
+            if worker.process.is_alive() and not worker.outstanding and worker.send_lock.acquire(timeout=1):
                 try:
-                    worker.requests.put(None)
+                    worker.requests.send(None)  # at most SLOTS small descriptors ahead of it: never blocks
                 except (OSError, ValueError):
                     pass
+                finally:
+                    worker.send_lock.release()
         deadline = time.monotonic() + CLOSE_GRACE_S  # one grace period for all, not one per worker
         for worker in self._workers:
             if not worker.outstanding:
@@ -470,8 +534,17 @@ class Runtime:
             if worker.process.is_alive():  # busy with work nobody will read, stopped, or slow to exit
                 worker.process.kill()
                 worker.process.join(timeout=5)
+        for worker in self._workers:
+            if worker.receiver is not None:
+                worker.receiver.join(timeout=5)
             worker.requests.close()
-        for request_id in list(getattr(self, "_requests", {})):
+            worker.responses.close()
+            worker.inputs.close()
+            worker.outputs.close()
+        with self._lock:
+            self._pending.clear()
+            left = list(self._requests)
+        for request_id in left:
             self._fail(request_id, WorkerError("the runtime was closed"))
 
     def __enter__(self) -> Runtime:

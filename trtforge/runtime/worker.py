@@ -1,24 +1,35 @@
 """One worker process per device: loads its engine through the checked loader, then serves requests.
 
-Messages in (its own queue): ("run", request_id, chunk, {name: ndarray}) or None to stop.
-Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need): ("ready", slot, info) | ("result", request_id, chunk, slot, outputs)
-| ("error", request_id, chunk, slot, message) | ("failed", slot, message) when loading fails.
+Tensors travel in shared memory (runtime/shm.py): the caller writes a chunk's inputs into a slot of
+the worker's input arena, the worker writes host outputs into the same slot of its output arena, and
+only descriptors cross the pipes. A reader thread takes messages off the pipe (and tokenizes text
+requests there, so that tokenization overlaps the engine); the main thread runs the engine.
+
+Messages in (its own pipe): ("run", request_id, chunk, slot, layout) | ("encode", request_id, chunk,
+slot, layout of the texts) | None to stop.
+Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need):
+("ready", worker, info) | ("failed", worker, message) when loading fails |
+("result", request_id, chunk, worker, ("shm", layout) | ("inline", outputs), timings) |
+("error", request_id, chunk, worker, message, timings).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from trtforge.runtime.batching import bucket_for
+from trtforge.runtime.shm import Arena
 from trtforge.tokens import TEXT_CONFIG, pool
 
 
-def serve(slot: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
-          requests: Any, responses: Any, warm: list[tuple[int, int]] = ()) -> None:
+def serve(index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
+          requests: Any, responses: Any, warm: list[tuple[int, int]], arenas: tuple[Any, Any]) -> None:
     try:
         import torch
 
@@ -30,69 +41,156 @@ def serve(slot: int, artifact: str, device: str, backend_name: str | None, outpu
         engine = trtforge.load(artifact, device, backend_name=backend_name)
         loaded_s = time.perf_counter() - start
         text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
-        staging = _Staging()
+        io = _DataPath(device, *(Arena.attach(a) for a in arenas))
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
-            engine({spec["name"]: staging.to_device(spec["name"], _zeros(spec, batch, length), device)
+            engine({spec["name"]: io.staging.to_device(spec["name"], _zeros(spec, batch, length), device)
                     for spec in engine.inputs})
         if device != "cpu":
             torch.cuda.synchronize()
     except Exception as e:  # reported to the parent, which raises it to the caller
-        responses.send(("failed", slot, f"{type(e).__name__}: {e}"))
+        responses.send(("failed", index, f"{type(e).__name__}: {e}"))
         return
-    on_gpu = device != "cpu"
-    responses.send(("ready", slot, {"pid": os.getpid(), "device": device, "backend": engine.backend,
-                                   "profile": engine.profile, "load_s": round(loaded_s, 3),
-                                   "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm)}))
-    sent = 0
+    responses.send(("ready", index, {"pid": os.getpid(), "device": device, "backend": engine.backend,
+                                    "profile": engine.profile, "load_s": round(loaded_s, 3),
+                                    "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm),
+                                    "registered": io.registered}))
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(requests, inbox, io, text), daemon=True, name="trtforge-reader").start()
+    served = 0
     while True:
-        message = requests.get()
+        message = inbox.get()
         if message is None:
             break
-        kind, request_id, chunk, payload = message
-        received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
-        timings: dict[str, float] = {}
+        kind, request_id, chunk, slot, payload, received = message
+        timings: dict[str, float] = {"received": received}
         try:
+            if isinstance(payload, Exception):  # the reader could not prepare it (tokenization)
+                raise payload
             if kind == "encode":
-                if text is None:
-                    raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
-                result = text.encode(payload, lambda arrays: _run(engine, staging, arrays, device, "device", on_gpu))
+                outputs = text.finish(payload, lambda arrays: io.run(engine, arrays))
+                result = io.reply(slot, outputs)
                 timings["worker_ms"] = 1e3 * (time.monotonic() - received)
             else:
-                result = _run(engine, staging, payload, device, outputs_on, on_gpu, timings)
-            timings["received"], timings["sent"] = received, time.monotonic()
-            responses.send(("result", request_id, chunk, slot, result, timings))
+                result = io.serve(engine, slot, payload, outputs_on, timings)
+            timings["sent"] = time.monotonic()
+            responses.send(("result", request_id, chunk, index, result, timings))
         except Exception as e:  # one bad request must not stop the worker
-            responses.send(("error", request_id, chunk, slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                                                            f" [{traceback.extract_tb(e.__traceback__)[-1].name}]"))
-        sent += 1
-        if on_gpu and sent % 64 == 0:
+            where = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else "reader"
+            first = str(e).splitlines()[0] if str(e) else ""
+            responses.send(("error", request_id, chunk, index, f"{type(e).__name__}: {first} [{where}]", timings))
+        served += 1
+        if io.on_gpu and served % 64 == 0:
             torch.cuda.ipc_collect()  # free device results the caller has released
     engine.close()
+    io.close()
 
 
-def _run(engine: Any, staging: Any, arrays: dict[str, Any], device: str, outputs_on: str, on_gpu: bool,
-         timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """One chunk through the engine; `timings` gets the milliseconds of inputs (to the device),
-    engine (to its last kernel, where outputs go to the host anyway) and outputs (back)."""
-    start = time.monotonic()
-    feed = {name: staging.to_device(name, array, device) for name, array in arrays.items()}
-    inputs_done = time.monotonic()
-    outputs = engine(feed)
-    if outputs_on == "device" and on_gpu:
-        result = {k: v.contiguous() for k, v in outputs.items()}  # shared by CUDA IPC
-    else:
-        if on_gpu:
+def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEncoder | None) -> None:
+    """Messages off the pipe into the inbox; text is tokenized here, while the engine runs."""
+    while True:
+        try:
+            message = requests.recv()
+        except (EOFError, OSError):  # the caller has gone: stop
+            message = None
+        if message is None:
+            inbox.put(None)
+            return
+        kind, request_id, chunk, slot, layout = message
+        received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
+        payload: Any = layout
+        if kind == "encode":
+            try:
+                if text is None:
+                    raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
+                payload = text.prepare(io.inputs.read_texts(slot, layout))
+            except Exception as e:
+                payload = e
+        inbox.put((kind, request_id, chunk, slot, payload, received))
+
+
+class _DataPath:
+    """The worker's side of the shared arenas: inputs read in place (on a GPU, copied to the device
+    straight from the arena, which is registered with CUDA), host outputs written into the caller's
+    output slot."""
+
+    def __init__(self, device: str, inputs: Arena, outputs: Arena) -> None:
+        self.device, self.inputs, self.outputs = device, inputs, outputs
+        self.on_gpu = device != "cpu"
+        self.staging = _Staging()
+        self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs))
+
+    def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
+        """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
+        return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()})
+
+    def serve(self, engine: Any, slot: int, layout: Any, outputs_on: str, timings: dict[str, float]) -> tuple:
+        """One chunk from its input slot through the engine; `timings` gets the milliseconds of inputs
+        (to the device), engine (to its last kernel, where outputs go to the host anyway) and outputs."""
+        import torch
+
+        start = time.monotonic()
+        views = self.inputs.views(slot, layout)
+        if not self.on_gpu:
+            feed = {name: torch.from_numpy(view) for name, view in views.items()}
+        elif self.registered:
+            feed = {name: torch.from_numpy(view).to(self.device, non_blocking=True) for name, view in views.items()}
+        else:
+            feed = {name: self.staging.to_device(name, view, self.device) for name, view in views.items()}
+        inputs_done = time.monotonic()
+        outputs = engine(feed)
+        if outputs_on == "device" and self.on_gpu:
+            result: tuple = ("inline", {k: v.contiguous() for k, v in outputs.items()})  # shared by CUDA IPC
+            engine_done = time.monotonic()
+        else:
+            if self.on_gpu:
+                torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
+            engine_done = time.monotonic()
+            result = self.reply(slot, outputs)
+        end = time.monotonic()
+        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done),
+                       outputs_ms=1e3 * (end - engine_done))
+        return result
+
+    def reply(self, slot: int, outputs: dict[str, Any]) -> tuple:
+        """Host outputs into the caller's output slot (or inline, where they do not fit it)."""
+        import torch
+
+        layout = self.outputs.layout({k: (tuple(v.shape), _numpy_dtype(v)) for k, v in outputs.items()})
+        if layout is None:
+            return "inline", {k: self.staging.to_host(k, v) for k, v in outputs.items()}
+        views = self.outputs.views(slot, layout)
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor):
+                torch.from_numpy(views[name]).copy_(value, non_blocking=self.registered)
+            else:
+                views[name][...] = value
+        if self.on_gpu:
+            torch.cuda.current_stream().synchronize()
+        return "shm", layout
+
+    def close(self) -> None:
+        if self.registered:
             import torch
 
-            torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
-        engine_done = time.monotonic()
-        result = {k: staging.to_host(k, v) for k, v in outputs.items()}
-    if timings is not None:
-        end = time.monotonic()
-        engine_end = end if outputs_on == "device" and on_gpu else engine_done
-        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_end - inputs_done),
-                       outputs_ms=1e3 * (end - engine_end))
-    return result
+            for arena in (self.inputs, self.outputs):
+                torch.cuda.cudart().cudaHostUnregister(arena.address)
+
+
+def _register(arena: Arena) -> bool:
+    """Page-lock an arena for CUDA, so that copies to and from the device need no staging copy."""
+    import torch
+
+    error = torch.cuda.cudart().cudaHostRegister(arena.address, arena.size, 0)
+    return int(error) == 0
+
+
+def _numpy_dtype(value: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return torch.empty(0, dtype=value.dtype).numpy().dtype
+    return np.asarray(value).dtype
 
 
 def _zeros(spec: dict[str, Any], batch: int, length: int) -> Any:
@@ -105,7 +203,7 @@ def _zeros(spec: dict[str, Any], batch: int, length: int) -> Any:
 class TextEncoder:
     """Text in the worker: the artifact's tokenizer (truncating at its validated max_length), rows
     sorted by length and run in batches cut to their longest, pooling where text.json declares it;
-    results in the order of the texts given."""
+    results in the order of the texts given. prepare() tokenizes (the reader thread), finish() runs."""
 
     def __init__(self, artifact: Path, profile: dict[str, tuple[int, int, int]]) -> None:
         import json
@@ -118,13 +216,14 @@ class TextEncoder:
         self.max_batch = profile["batch"][2]
         self.sequence = profile["sequence"]
 
-    def encode(self, texts: list[str], run: Any) -> dict[str, Any]:
+    def prepare(self, texts: list[str]) -> tuple[int, list[tuple[Any, Any, dict[str, Any]]]]:
+        """Token ids in length-sorted batches: (count, [(rows, mask, feed)])."""
         import numpy as np
 
         encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"])
         lengths = np.array([len(ids) for ids in encoded["input_ids"]])
         order = np.argsort(lengths, kind="stable")
-        results: dict[str, Any] = {}
+        batches = []
         for part in np.array_split(order, max(1, -(-len(texts) // self.max_batch))):
             width = bucket_for(int(lengths[part].max()), self.sequence)
             mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
@@ -137,7 +236,17 @@ class TextEncoder:
                     for row, i in enumerate(part):
                         block[row, : lengths[i]] = encoded[name][i]
                 feed[name] = block
-            outputs = run({name: feed[name] for name in self.config["inputs"]})  # left where computed
+            batches.append((part, mask, {name: feed[name] for name in self.config["inputs"]}))
+        return len(texts), batches
+
+    def finish(self, prepared: tuple[int, list[tuple[Any, Any, dict[str, Any]]]], run: Any) -> dict[str, Any]:
+        import numpy as np
+
+        count, batches = prepared
+        width_all = max(int(mask.sum(1).max()) for _, mask, _ in batches)
+        results: dict[str, Any] = {}
+        for part, mask, feed in batches:
+            outputs = run(feed)  # left where computed
             pooling = self.config.get("pooling")
             if pooling:  # on the device: only (rows, hidden) crosses to the host
                 outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
@@ -145,10 +254,10 @@ class TextEncoder:
             for name, value in outputs.items():
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
                     value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
+                    value = value[:, :width_all]
                 if name not in results:
-                    width_all = int(lengths.max())
-                    shape = (len(texts), *(width_all if i == 0 and value.ndim > 2 else n
-                                           for i, n in enumerate(value.shape[1:])))
+                    shape = (count, *(width_all if i == 0 and value.ndim > 2 else n
+                                      for i, n in enumerate(value.shape[1:])))
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
         return results
@@ -156,7 +265,8 @@ class TextEncoder:
 
 class _Staging:
     """Pinned host buffers, kept per tensor name and reused while the shape fits: allocating pinned
-    memory costs more than the copy itself, so it is done once, not per request."""
+    memory costs more than the copy itself, so it is done once, not per request. Safe to reuse
+    because each chunk's results are back on the host before the next chunk starts."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, str], Any] = {}
@@ -181,17 +291,14 @@ class _Staging:
             return tensor
         pinned = self._buffer(("in", name), tuple(tensor.shape), tensor.dtype)
         pinned.copy_(tensor)
-        # Asynchronous: the engine runs after the copy on the same stream; the buffer is reused only
-        # by the next request, after this one's results are back.
         return pinned.to(device, non_blocking=True)
 
     def to_host(self, name: str, tensor: Any) -> Any:
         import torch
 
         if tensor.device.type == "cpu":
-            return tensor.numpy()
+            return tensor.numpy().copy()
         pinned = self._buffer(("out", name), tuple(tensor.shape), tensor.dtype)
         pinned.copy_(tensor, non_blocking=True)
         torch.cuda.current_stream(tensor.device).synchronize()
-        # A copy: the queue pickles in a background thread, after the buffer may be reused.
-        return pinned.numpy().copy()
+        return pinned.numpy().copy()  # the buffer is reused by the next chunk

@@ -1,0 +1,130 @@
+"""Shared memory between the caller and a worker: the runtime's data path.
+
+Each worker gets two arenas that the caller creates and owns, one for inputs and one for host
+outputs, each cut into SLOTS equal slots sized for the engine's largest chunk. A chunk holds one
+slot of each from the moment the caller writes its inputs until the caller has copied its outputs
+out, so only a small descriptor (slot, names, dtypes, shapes, offsets) crosses the process
+boundary, whatever the size of the tensors, and at most SLOTS chunks are in flight per worker: a
+bound on the caller's memory and on what sits in a pipe.
+
+An arena is an anonymous memfd mapped by both sides (the worker receives the descriptor at spawn):
+it has no name, so nothing is left in /dev/shm whatever happens, and its memory goes back to the
+system when the last process that maps it exits. A GPU worker registers its arenas with CUDA
+(cudaHostRegister), so copies to and from the device run straight from and into them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+
+SLOTS = 4  # chunks in flight per worker: one being written, one running, one being read, one spare
+ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+Layout = list[tuple[str, str, tuple[int, ...], int]]  # (name, dtype, shape, offset in the slot)
+
+
+class Arena:
+    """SLOTS equal slots of shared memory. Create in the caller with Arena(slot_bytes); pass
+    `arena.handle()` to the worker (as a spawn argument) and map it there with Arena.attach."""
+
+    def __init__(self, slot_bytes: int, slots: int = SLOTS, *, name: str = "trtforge", fd: int | None = None) -> None:
+        self.slot_bytes = _aligned(max(slot_bytes, ALIGN))
+        self.slots = slots
+        size = self.slot_bytes * slots
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.map = mmap.mmap(fd, size)
+        self.memory = np.frombuffer(self.map, dtype=np.uint8)
+
+    def handle(self) -> tuple[Any, int, int]:
+        """What a spawned worker needs to map this arena (the fd travels with the spawn)."""
+        from multiprocessing.reduction import DupFd
+
+        return DupFd(self.fd), self.slot_bytes, self.slots
+
+    @classmethod
+    def attach(cls, handle: tuple[Any, int, int]) -> Arena:
+        fd, slot_bytes, slots = handle
+        return cls(slot_bytes, slots, fd=fd.detach())
+
+    @property
+    def address(self) -> int:
+        return self.memory.ctypes.data
+
+    @property
+    def size(self) -> int:
+        return self.slot_bytes * self.slots
+
+    def layout(self, arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Layout | None:
+        """Where tensors of these shapes and dtypes go in a slot; None if they do not fit."""
+        layout, offset = [], 0
+        for name, (shape, dtype) in arrays.items():
+            layout.append((name, np.dtype(dtype).str, tuple(int(n) for n in shape), offset))
+            offset += _aligned(nbytes(shape, dtype))
+        return layout if offset <= self.slot_bytes else None
+
+    def views(self, slot: int, layout: Layout) -> dict[str, np.ndarray]:
+        """numpy arrays over a slot's memory, as the layout places them (no copy)."""
+        base = slot * self.slot_bytes
+        out = {}
+        for name, dtype, shape, offset in layout:
+            start = base + offset
+            out[name] = self.memory[start:start + nbytes(shape, dtype)].view(dtype).reshape(shape)
+        return out
+
+    def write(self, slot: int, arrays: dict[str, np.ndarray]) -> Layout | None:
+        layout = self.layout({k: (v.shape, v.dtype) for k, v in arrays.items()})
+        if layout is not None:
+            for name, view in self.views(slot, layout).items():
+                np.copyto(view, arrays[name])
+        return layout
+
+    def write_texts(self, slot: int, texts: list[str]) -> Layout | None:
+        """Strings as one UTF-8 block and their end offsets."""
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        return self.write(slot, {"ends": ends, "utf8": blob})
+
+    def read_texts(self, slot: int, layout: Layout) -> list[str]:
+        views = self.views(slot, layout)
+        blob, ends = views["utf8"].tobytes(), views["ends"]
+        starts = np.concatenate([[0], ends[:-1]])
+        return [blob[s:e].decode("utf-8", "surrogatepass") for s, e in zip(starts.tolist(), ends.tolist())]
+
+    def close(self) -> None:
+        self.memory = None
+        try:
+            self.map.close()
+        except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def max_bytes(specs: list[dict[str, Any]], dims: dict[str, int], dtypes: dict[str, Any] | None = None) -> int:
+    """The bytes of one slot holding every tensor of `specs` at the largest size `dims` allows
+    (named axes, e.g. batch and sequence, at their profile maximum)."""
+    total = 0
+    for spec in specs:
+        shape = tuple(dims.get(d, 1) if isinstance(d, str) else int(d) for d in spec["shape"])
+        dtype = (dtypes or {}).get(spec["name"], spec["dtype"])
+        total += _aligned(nbytes(shape, dtype))
+    return total
