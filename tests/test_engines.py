@@ -191,3 +191,43 @@ def test_first_build_and_rebuild_agree_on_engine_keys(write_recipe):
     path, first = build(write_recipe, "gpt2", RTX.replace("['sm86', 'sm120']", "['sm86']"))
     again = Build(load_recipe(path), path.parent / "out").run()
     assert again.up_to_date and again.manifest["build_key"] == first.manifest["build_key"]
+
+
+@pytest.mark.parametrize("arch, packs", [("bert", True), ("gpt2", False)])
+def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_attention(write_recipe, tmp_path, arch, packs):
+    """The onnxruntime-cuda build (graph work only: it runs here without a GPU) writes the fused graph
+    and, for an encoder, its packing-mode twin with the same inputs and outputs; a decoder's causal
+    attention is not covered, and the build says why. (The twin's parity and timing need CUDA:
+    PackedAttention has no CPU kernel; see tests/test_gpu.py.)"""
+    import onnx
+
+    from trtforge.backends.base import BuildJob
+    from trtforge.backends.onnxruntime import PACKED_FILE, OnnxruntimeBackend
+
+    _, result = build(write_recipe, arch, CPU)
+    manifest = result.manifest
+    out = tmp_path / "cuda-engine"
+    out.mkdir()
+    export = manifest["io"]
+    job = BuildJob(backend="onnxruntime-cuda", target={"name": "h100"}, fp32_onnx=str(result.artifact / "model.onnx"),
+                   fp16_onnx=str(result.artifact / "model.fp16.onnx"), out_dir=str(out),
+                   inputs=[], outputs=export["outputs"], shapes=manifest["shapes"],
+                   options={"architecture": arch, "num_heads": 2, "hidden_size": 32})
+    with (out / "build.log").open("w") as log:
+        built = OnnxruntimeBackend("cuda").build(job, log)
+    fused = onnx.load(str(out / "model.onnx"))
+    if not packs:
+        assert "fused no attention" in built["packed"]["skipped"] and not (out / PACKED_FILE).exists()
+        return
+    assert built["fused"].get("Attention") == 2 and built["packed"] == {"file": PACKED_FILE, "packed_attention_nodes": 2}
+    packed = onnx.load(str(out / PACKED_FILE))
+    ops = [n.op_type for n in packed.graph.node]
+    assert ops.count("RemovePadding") == 1 and ops.count("RestorePadding") == 1 and ops.count("PackedAttention") == 2
+    assert "Attention" not in ops and "Attention" in [n.op_type for n in fused.graph.node]  # the fused graph is kept
+
+    def io(model):
+        return [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in [*model.graph.input, *model.graph.output]]
+
+    assert [name for name, _, _ in io(packed)] == [name for name, _, _ in io(fused)]
+    assert [t for _, t, _ in io(packed)] == [t for _, t, _ in io(fused)]  # a drop-in: same names and types

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,50 @@ def test_minilm_onnxruntime_cuda_engine_is_built_checked_and_loaded(tmp_path):
     assert out.shape == (4, 64, 384) and out.device.type == "cuda" and torch.isfinite(out).all()
     with pytest.raises(ShapeError, match="outside the engine's profile"):
         engine({k: v.repeat(33, 1) for k, v in feed.items()})  # batch 132 > 128
+    _packed_twin_is_checked_and_agrees(artifact, entry, "last_hidden_state")
+
+    # The runtime on this GPU: the shared-memory data path registered with CUDA, and text in,
+    # sentence embeddings out, against sentence-transformers' pooling from PyTorch FP32.
+    from tests.conftest import minilm_sentence_embeddings
+    from trtforge.runtime import Runtime
+    from trtforge.runtime.realtext import corpus
+
+    texts, _ = corpus("short", 300)
+    with Runtime(artifact, devices=[0], timeout_s=120) as rt:
+        assert rt.workers[0]["registered"] is True
+        embeddings = rt.encode(texts)["embedding"]
+        padded = {k: v.cpu().numpy() for k, v in feed.items()}
+        padded["attention_mask"][1:, 40:] = 0
+        direct = engine({k: torch.from_numpy(v).cuda() for k, v in padded.items()})["last_hidden_state"].float().cpu()
+        through = torch.from_numpy(rt.run(padded)["last_hidden_state"]).float()
+    mask = torch.from_numpy(padded["attention_mask"]).bool()
+    torch.testing.assert_close(through[mask], direct[mask], atol=2e-2, rtol=2e-2)
+    reference = minilm_sentence_embeddings(texts)
+    cosine = (embeddings * reference).sum(1) / (np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1))
+    assert embeddings.shape == (300, 384) and cosine.min() > 0.999, cosine.min()
+
+
+def _packed_twin_is_checked_and_agrees(artifact: Path, entry: dict, output: str) -> None:
+    """The padding-free graph: checked on its own, timed against the fused graph, its rule recorded,
+    and on real padding it gives the fused graph's outputs at real positions."""
+    packed = entry["packed"]
+    assert packed["status"] == "passed" and packed["parity"]["passed"], packed
+    assert packed["sweep"] and all(r["fused_ms"] > 0 and r["packed_ms"] > 0 for r in packed["sweep"])
+    assert packed["rule"]["from_batch"] is None or packed["rule"]["from_batch"] in [r["batch"] for r in packed["sweep"]]
+    assert (artifact / entry["dir"] / "model.packed.onnx").is_file()
+    engine = trtforge.load(artifact, "cuda:0")
+    ids = torch.randint(1000, 20000, (32, 96), device="cuda")
+    mask = (torch.arange(96, device="cuda")[None, :] < torch.randint(4, 97, (32, 1), device="cuda")).long()
+    feed = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    outputs = {}
+    for mode in ("fused", "packed"):
+        engine.engine.mode = mode
+        outputs[mode] = engine(feed)[output].float()
+    if outputs["fused"].ndim == 3:
+        real = mask.bool()
+        torch.testing.assert_close(outputs["packed"][real], outputs["fused"][real], atol=2e-2, rtol=2e-2)
+    else:
+        torch.testing.assert_close(outputs["packed"], outputs["fused"], atol=2e-2, rtol=2e-2)
 
 
 @needs_ort_cuda
@@ -62,6 +107,7 @@ def test_bert_base_onnxruntime_cuda_engine_passes(tmp_path):
     artifact = _built("bert-base-classifier.toml", tmp_path)
     [entry] = [e for e in read_manifest(artifact)["engines"] if e["backend"] == "onnxruntime-cuda"]
     assert entry["status"] == "passed"
+    _packed_twin_is_checked_and_agrees(artifact, entry, "logits")
 
 
 @needs_ort_cuda

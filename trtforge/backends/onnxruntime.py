@@ -5,6 +5,16 @@ The CUDA engine starts from the FP32 graph: ONNX Runtime's transformer optimizer
 SkipLayerNorm, BiasGelu and the embedding on FP32 patterns (told the head count and hidden size,
 which it cannot infer from this export), then converts to FP16 with I/O types kept, as ONNX
 Runtime's own FP16 flow does. The engine is checked against PyTorch FP32 like every other.
+
+Beside it, where ONNX Runtime fused the attention of an encoder, a padding-free twin of the same
+graph (`model.packed.onnx`, ONNX Runtime's packing mode): RemovePadding after the embedding packs
+the batch's real tokens into one row, PackedAttention attends within each sequence, RestorePadding
+puts the rows back before the output, so its inputs and outputs are the fused graph's and only real
+tokens are computed. It is checked on its own, and timed against the fused graph (CUDA graphs) on
+batches with real padding: the engine uses it from the smallest batch at which it wins (the rule in
+the manifest's `packed` section); smaller batches keep the CUDA graphs, which win on launch cost.
+Decoders (causal attention), vision models and attention ONNX Runtime does not fuse have no twin,
+and the manifest says why.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from trtforge.devices import GpuInfo, distinct_models
 # CUDA graphs are captured per input shape, each in a session of its own; past this many shapes the
 # engine serves new shapes from its dynamic session rather than grow without bound.
 MAX_CUDA_GRAPHS = 16
+PACKED_FILE = "model.packed.onnx"
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 
 
@@ -71,8 +82,12 @@ class OnnxruntimeBackend(Backend):
         return fuse_and_convert(job, out, log)
 
     def load(self, engine_dir: Path, entry: dict[str, Any], device: str) -> Engine:
+        packed = entry.get("packed") or {}
+        usable = packed.get("status") == "passed" and (engine_dir / PACKED_FILE).is_file()
         return OnnxruntimeEngine(engine_dir / self.engine_file, device=device, outputs=entry["io"]["outputs"],
-                                 cuda_graph=bool(entry.get("options", {}).get("cuda_graph", False)))
+                                 cuda_graph=bool(entry.get("options", {}).get("cuda_graph", False)),
+                                 packed=engine_dir / PACKED_FILE if usable or packed.get("status") == "unchecked" else None,
+                                 packed_from_batch=(packed.get("rule") or {}).get("from_batch") if usable else None)
 
 
 def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
@@ -90,7 +105,39 @@ def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
     clamp_constants(optimized.model)
     optimized.save_model_to_file(str(out))
     print(f"fused operators: {fused}", file=log)
-    return {"graph": f"ONNX Runtime transformer optimizer ({model_type}) on FP32, then FP16", "fused": fused}
+    packed = pack(optimized.model, out.parent / PACKED_FILE)
+    print(f"packing mode: {packed}", file=log)
+    return {"graph": f"ONNX Runtime transformer optimizer ({model_type}) on FP32, then FP16", "fused": fused,
+            "packed": packed}
+
+
+def pack(fused: Any, out: Path) -> dict[str, Any]:
+    """Write the padding-free twin of a fused graph (see the module's docstring) where ONNX Runtime's
+    packing mode covers its attention; say why not otherwise."""
+    import logging
+
+    import onnx
+    from onnxruntime.transformers.convert_to_packing_mode import PackingMode
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.ModelProto.FromString(fused.SerializeToString()))  # a copy: the fused graph stays
+    ops = {node.op_type for node in model.nodes()}
+    if not ops & {"Attention", "MultiHeadAttention"}:
+        return {"skipped": "ONNX Runtime fused no attention in this graph (as for decoders, vision models and "
+                           "attention it does not recognise): the fused engine serves every batch"}
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        PackingMode(model).convert()
+    finally:
+        quiet.setLevel(level)
+    packed = sum(node.op_type in ("PackedAttention", "PackedMultiHeadAttention") for node in model.nodes())
+    if not packed:
+        return {"skipped": "ONNX Runtime's packing mode does not cover this attention (causal, with past "
+                           "state, or without one shared padding mask): the fused engine serves every batch"}
+    model.save_model_to_file(str(out))
+    return {"file": PACKED_FILE, "packed_attention_nodes": packed}
 
 
 def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -128,12 +175,17 @@ def _with_static_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> bytes
 
 
 class OnnxruntimeEngine(Engine):
-    def __init__(self, path: Path, *, device: str, outputs: list[dict[str, Any]], cuda_graph: bool) -> None:
+    """`mode`: "auto" (the packed graph from `packed_from_batch` rows on, where there is one), or
+    "fused" / "packed" to force one graph (what the check and the benchmarks do)."""
+
+    def __init__(self, path: Path, *, device: str, outputs: list[dict[str, Any]], cuda_graph: bool,
+                 packed: Path | None = None, packed_from_batch: int | None = None) -> None:
         self.path, self.device, self.outputs = path, device, outputs
         self.backend = "onnxruntime-cpu" if device == "cpu" else "onnxruntime-cuda"
         self.cuda_graph = cuda_graph and device != "cpu"
         self.graphs: dict[tuple, Any] = {}
         self.graph_failures: dict[tuple, str] = {}
+        self.packed_session, self.packed_from_batch, self.mode = None, packed_from_batch, "auto"
         if device == "cpu":
             self.session = _session(path, device="cpu")
         else:
@@ -143,7 +195,17 @@ class OnnxruntimeEngine(Engine):
             with torch.cuda.device(self.torch_device):
                 self.stream = torch.cuda.Stream(self.torch_device)
             self.session = _session(path, device=device, stream=self.stream.cuda_stream)
+            if packed is not None:  # PackedAttention has CUDA kernels only
+                self.packed_session = _session(packed, device=device, stream=self.stream.cuda_stream)
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _packed(self, feed: Mapping[str, Any]) -> bool:
+        if self.packed_session is None or self.mode == "fused":
+            return False
+        if self.mode == "packed":
+            return True
+        rows = feed[self.input_names[0]].shape[0]
+        return self.packed_from_batch is not None and rows >= self.packed_from_batch
 
     def output_shape(self, spec: dict[str, Any], sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])
@@ -163,6 +225,8 @@ class OnnxruntimeEngine(Engine):
             arrays = {n: feed[n].detach().cpu().numpy() if hasattr(feed[n], "detach") else feed[n]
                       for n in self.input_names}
             return {o["name"]: torch.from_numpy(v) for o, v in zip(self.outputs, self.session.run(None, arrays))}
+        if self._packed(feed):
+            return self._run(self.packed_session, feed, self._bind_outputs(feed))
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
         if self.cuda_graph and key not in self.graph_failures and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS):
             graph = self.graphs.get(key) or self._capture(key, feed)
@@ -204,7 +268,7 @@ class OnnxruntimeEngine(Engine):
 
     def close(self) -> None:
         self.graphs.clear()
-        self.session = None
+        self.session = self.packed_session = None
 
 
 class _CudaGraph:

@@ -108,9 +108,58 @@ def run(job_path: Path) -> dict[str, Any]:
     result["build"]["sha256"] = sha256_file(out / engine_backend.engine_file)
     if spec.get("check"):
         with _loaded(engine_backend, job, out) as engine:
+            engine.mode = "fused"
             result.update(check(engine, f"{job.backend}/{job.target['name']}", spec))
             result["cuda_graph_failures"] = {str(k): v for k, v in getattr(engine, "graph_failures", {}).items()}
+            if getattr(engine, "packed_session", None) is not None:
+                result["packed"] = check_packed(engine, f"{job.backend}/{job.target['name']}/packed", spec)
+    packed = result.get("build", {}).get("packed")
+    if packed and "packed" not in result:  # not built (the reason), or built and not checked here
+        result["packed"] = ({"status": "not built", "reason": packed["skipped"]} if "skipped" in packed else
+                            {"status": "built-not-checked", "file": packed["file"]})
     return result
+
+
+def check_packed(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The padding-free graph: parity against the FP32 reference like any engine, then timed against
+    the fused graph on batches with real padding, which decides the batch it is used from."""
+    engine.mode = "packed"
+    try:
+        checked = check(engine, name, spec)
+        padded = spec_feed(spec)
+        sweep = []
+        for rows in sweep_batches(spec["job"]["shapes"]["batch"]):
+            feed = {k: np.resize(v, (rows, *v.shape[1:])) for k, v in padded.items()}
+            times = {}
+            for mode in ("fused", "packed"):
+                engine.mode = mode
+                times[mode] = latency(engine, feed, engine.device, runs=30)["median"]
+            real = float(feed["attention_mask"].mean()) if "attention_mask" in feed else 1.0
+            sweep.append({"batch": rows, "sequence": int(next(iter(feed.values())).shape[1]),
+                          "real_token_share": round(real, 3), "fused_ms": times["fused"], "packed_ms": times["packed"]})
+    finally:
+        engine.mode = "auto"
+    winning = [row["batch"] for row in sweep if row["packed_ms"] < row["fused_ms"]]
+    # From the smallest batch at which packing wins and keeps winning at every larger one.
+    from_batch = next((b for b in winning if all(r["packed_ms"] < r["fused_ms"] for r in sweep if r["batch"] >= b)), None)
+    passed = checked["parity"]["passed"]
+    return {"status": "passed" if passed else "failed", "file": "model.packed.onnx", "parity": checked["parity"],
+            "latency_ms": checked["latency_ms"], "sweep": sweep,
+            "rule": {"from_batch": from_batch if passed else None,
+                     "how": "the packed graph serves batches of at least from_batch rows (null: none): the "
+                            "smallest batch from which it beat the fused graph's CUDA graphs at every larger "
+                            "batch, timed here on the checked opt-sequence rows with their real padding"}}
+
+
+def spec_feed(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The checked rows at the opt sequence, with the real padding the reference feeds have."""
+    reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
+    return reference.feeds["opt"]
+
+
+def sweep_batches(batch: list[int]) -> list[int]:
+    lo, opt, hi = batch
+    return sorted({b for b in (lo, 1, 4, 8, 16, 32, 64, opt, hi) if lo <= b <= hi})
 
 
 def choose_candidate(engine_backend: Any, job: BuildJob, spec: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +192,8 @@ def choose_candidate(engine_backend: Any, job: BuildJob, spec: dict[str, Any]) -
 
 def _loaded(engine_backend: Any, job: BuildJob, engine_dir: Path) -> Any:
     device = "cpu" if job.target["name"] == "cpu" else "cuda:0"  # the parent pinned our GPU
-    return engine_backend.load(engine_dir, {"io": {"outputs": job.outputs}, "options": job.options}, device)
+    entry = {"io": {"outputs": job.outputs}, "options": job.options, "packed": {"status": "unchecked"}}
+    return engine_backend.load(engine_dir, entry, device)
 
 
 def main() -> None:

@@ -235,6 +235,7 @@ def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[
         "build": result.get("build", {}),
         "latency_ms": result.get("latency_ms"),
         "cuda_graph_failures": result.get("cuda_graph_failures") or None,
+        "packed": result.get("packed"),
         "error": result.get("error"),
         "io": build.export_result()["io"],
         "profiles": [{"batch": list(build.recipe.shapes.batch),
