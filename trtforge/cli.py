@@ -132,7 +132,7 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
     return numbers
 
 
-BASELINES = ("ddp", "dataparallel", "compile")
+BASELINES = ("ddp", "ddp-sorted", "dataparallel", "compile")
 
 
 def _baselines(value: str) -> tuple[str, ...]:
@@ -179,7 +179,7 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               help="Real English text (sentences or paragraphs of Debian's /usr/share/common-licenses), "
                    "each request padded to its longest row; reports real tokens/s.")
 @click.option("--baselines", default="ddp,dataparallel,compile", show_default=True,
-              help="PyTorch baselines to run: ddp, dataparallel, compile.")
+              help="PyTorch baselines to run: ddp, ddp-sorted (length-sorted batches), dataparallel, compile.")
 @click.option("--backend", default=None, help="Engine backend the runtime loads.  [default: the device's default]")
 @click.option("--callers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Caller threads submitting to the runtime at once (as a service's request threads do).")

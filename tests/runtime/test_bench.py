@@ -92,12 +92,17 @@ def test_bench_with_text_needs_a_tokenizer(tmp_path):
 def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
     recipe = minilm_cpu_recipe(tmp_path, max_sequence=64)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "1", "--batches", "4",
-                                       "--sequence", "64", "--iterations", "4", "--warmup", "1", "--baselines", "ddp",
-                                       "--workload", "short"])
+    result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "2", "--batches", "4",
+                                       "--sequence", "64", "--iterations", "4", "--warmup", "1", "--devices", "2",
+                                       "--baselines", "ddp,ddp-sorted", "--workload", "short"])
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "minilm-cpu.bench" / "bench.json").read_text())
-    row = report["results"]["runtime"]["1"]["4"]
+    row = report["results"]["runtime"]["2"]["4"]
+    # Both PyTorch contenders ran on the same texts; the length-sorted one, its rows put back in
+    # input order, agrees with the runtime (per-token outputs, two ranks of different widths).
+    assert report["results"]["ddp-sorted"]["2"]["4"]["throughput"] > 0
+    assert report["results"]["parity-sorted"]["2"]["passed"]
+    assert "runtime / DDP length-sorted" in (out / "minilm-cpu.bench" / "bench.md").read_text()
     source = report["config"]["workload_source"]
     assert source["kind"] == "short" and len(source["sha256"]) == 64 and source["units"] > 100
     # Sentences are short: the request is padded to its longest row, far below 64, and real tokens

@@ -1,8 +1,12 @@
 """The PyTorch ways of doing the runtime's job, measured on the same inputs.
 
 - DDP done right for inference: one process per GPU over NCCL (gloo on CPU), the model in FP16 eval
-  (FP32 on CPU), each rank takes its DistributedSampler shard (rows rank, rank + N, ...), outputs
-  are all-gathered and put back in input order.
+  (FP32 on CPU), each rank takes its DistributedSampler shard (rows rank, rank + N, ...) padded to
+  its own longest row (as a padding collator makes each rank's batch), outputs are all-gathered
+  (per-token outputs padded back to the request's length) and put back in input order.
+- The same with length-sorted batches ("ddp-sorted"): the request's rows sorted by real length and
+  cut into one contiguous block per rank (what a length-grouping sampler does), each padded to its
+  own longest row.
 - DataParallel: one process, the batch scattered over the GPUs and gathered on the first.
 - torch.compile on one GPU, where it runs.
 """
@@ -55,8 +59,27 @@ def _forward(model: Any, task: Any, feed: dict[str, Any]) -> Any:
     return outputs[task.outputs[0].name]
 
 
+def shard(feed: dict[str, np.ndarray], rank: int, world: int, *, sort: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """This rank's rows of a request (interleaved, or a block of the length-sorted rows), cut to
+    their longest real row where the attention mask pads on the right; and the rows it took."""
+    from trtforge.runtime.batching import real_lengths
+
+    rows = len(next(iter(feed.values())))
+    lengths = real_lengths(feed)
+    if sort and lengths is not None:
+        taken = np.array_split(np.argsort(lengths, kind="stable"), world)[rank]
+    else:
+        taken = np.arange(rank, rows, world)
+    part = {k: v[taken] for k, v in feed.items()}
+    if lengths is not None and len(taken):
+        cut = int(lengths[taken].max())
+        part = {k: np.ascontiguousarray(v[:, :cut]) if v.ndim == 2 and v.shape[1] == feed["attention_mask"].shape[1]
+                else v for k, v in part.items()}
+    return part, taken
+
+
 def ddp_rank(rank: int, world: int, port: int, recipe_path: str, batches: list[int], feeds: dict[int, dict],
-             parity_feed: dict, iterations: int, warmup: int, on_gpu: bool, results: Any) -> None:
+             parity_feed: dict, iterations: int, warmup: int, on_gpu: bool, results: Any, sort: bool = False) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -69,21 +92,26 @@ def ddp_rank(rank: int, world: int, port: int, recipe_path: str, batches: list[i
     model, task = torch_model(recipe_path, device)
     model = DistributedDataParallel(model, device_ids=[rank] if on_gpu else None)
 
-    def step(feed: dict[str, np.ndarray]) -> Any:
-        shard = {k: torch.from_numpy(v[rank::world]).to(device, non_blocking=True) for k, v in feed.items()}
+    def step(feed: dict[str, np.ndarray], part: dict[str, np.ndarray], taken: np.ndarray) -> Any:
+        mine = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in part.items()}
         with torch.inference_mode():
-            out = _forward(model, task, shard).contiguous()
+            out = _forward(model, task, mine).contiguous()
+        width = next(iter(feed.values())).shape[1] if out.ndim == 3 else 0
+        if out.ndim == 3 and out.shape[1] < width:  # per token: back to the request's length for the gather
+            out = torch.nn.functional.pad(out, (0, 0, 0, width - out.shape[1]))
         gathered = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(gathered, out)
-        # Undo the interleaved sharding: row i came from rank i % world, position i // world.
-        stacked = torch.stack(gathered, dim=1)
-        return stacked.reshape(-1, *out.shape[1:])
+        if not sort:  # undo the interleaved sharding: row i came from rank i % world, position i // world
+            return torch.stack(gathered, dim=1).reshape(-1, *out.shape[1:])
+        order = torch.from_numpy(np.concatenate([shard(feed, r, world, sort=True)[1] for r in range(world)]))
+        return torch.cat(gathered)[torch.argsort(order).to(out.device)]
 
     report: dict[str, Any] = {}
     for batch in batches:
         feed = feeds[batch]
+        part, taken = shard(feed, rank, world, sort=sort)  # the collator's work, done before timing
         for _ in range(warmup):
-            step(feed)
+            step(feed, part, taken)
         sync = torch.cuda.synchronize if on_gpu else (lambda: None)
         sync()
         dist.barrier()
@@ -91,13 +119,13 @@ def ddp_rank(rank: int, world: int, port: int, recipe_path: str, batches: list[i
         begin = time.perf_counter()
         for _ in range(iterations):
             start = time.perf_counter()
-            step(feed)
+            step(feed, part, taken)
             sync()
             times.append(1e3 * (time.perf_counter() - start))
         dist.barrier()
         elapsed = time.perf_counter() - begin
         report[batch] = {"throughput": round(batch * world * iterations / elapsed, 1), **percentiles(times)}
-    parity = step(parity_feed).float().cpu().numpy()
+    parity = step(parity_feed, *shard(parity_feed, rank, world, sort=sort)).float().cpu().numpy()
     if rank == 0:
         results.put({"timings": report, "parity": parity})
     dist.barrier()
@@ -105,7 +133,7 @@ def ddp_rank(rank: int, world: int, port: int, recipe_path: str, batches: list[i
 
 
 def run_ddp(world: int, recipe_path: str, batches: list[int], feeds: dict[int, dict], parity_feed: dict, *,
-            iterations: int, warmup: int, on_gpu: bool) -> dict[str, Any]:
+            iterations: int, warmup: int, on_gpu: bool, sort: bool = False) -> dict[str, Any]:
     """Per-rank batch `b` means a global batch of b * world rows, as the runtime gets."""
     import torch.multiprocessing as tmp
 
@@ -113,7 +141,7 @@ def run_ddp(world: int, recipe_path: str, batches: list[int], feeds: dict[int, d
     results = context.Queue()
     port = free_port()
     processes = [context.Process(target=ddp_rank, args=(rank, world, port, recipe_path, batches, feeds, parity_feed,
-                                                         iterations, warmup, on_gpu, results))
+                                                         iterations, warmup, on_gpu, results, sort))
                  for rank in range(world)]
     for p in processes:
         p.start()

@@ -216,7 +216,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
 
     tokenize_s = None
     sources: dict[int, dict[str, Any]] = {}
-    results: dict[str, Any] = {"runtime": {}, "ddp": {}, "dataparallel": {}, "compile": {}, "parity": {}}
+    results: dict[str, Any] = {"runtime": {}, "ddp": {}, "ddp-sorted": {}, "dataparallel": {}, "compile": {}, "parity": {},
+                               "parity-sorted": {}}
     for n in counts:
         feeds = {}
         for b in config.batches:
@@ -272,6 +273,14 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                 results["parity"][n] = _parity(task, parity_feed, runtime_parity, ddp["parity"], recipe)
                 progress.line(f"  {'parity':<10} runtime vs DDP on {n} device(s): "
                               f"{'passed' if results['parity'][n]['passed'] else 'FAILED'}")
+        if "ddp-sorted" in config.baselines:
+            with progress.stage("ddp-sorted", f"PyTorch DDP, length-sorted batches, on {n} device(s)") as outcome:
+                sorted_ddp = run_ddp(n, str(recipe.path), list(config.batches), feeds, parity_feed,
+                                     iterations=config.iterations, warmup=config.warmup, on_gpu=on_gpu, sort=True)
+                results["ddp-sorted"][n] = sorted_ddp["timings"]
+                # Its outputs, put back in input order, against the runtime's: the sort is undone right.
+                results["parity-sorted"][n] = _parity(task, parity_feed, runtime_parity, sorted_ddp["parity"], recipe)
+                outcome["summary"] = _summary(sorted_ddp["timings"])
         if on_gpu and n > 1 and "dataparallel" in config.baselines:
             with progress.stage("dp", f"DataParallel on {n} GPUs") as outcome:
                 results["dataparallel"][n] = run_data_parallel(n, str(recipe.path), list(config.batches), feeds,
@@ -348,8 +357,8 @@ def markdown(report: dict[str, Any]) -> str:
              "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
              "| contender | devices | per-device batch | throughput | per device | p50 | p90 | p99 | one-at-a-time p50 |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for contender in ("runtime", "ddp", "dataparallel", "compile"):
-        for n, per_batch in sorted(r[contender].items(), key=lambda kv: int(kv[0])):
+    for contender in ("runtime", "ddp", "ddp-sorted", "dataparallel", "compile"):
+        for n, per_batch in sorted(r.get(contender, {}).items(), key=lambda kv: int(kv[0])):
             for b, row in per_batch.items():
                 if "throughput" not in row:
                     lines.append(f"| {contender} | {n} | {b} | not run: {row.get('error', '')[:80]} | | | | | |")
@@ -382,12 +391,15 @@ def markdown(report: dict[str, Any]) -> str:
             breakdown = row.get("time_breakdown_ms", {})
             if breakdown.get("chunks"):
                 lines.append(f"| {n} | {b} | " + " | ".join(str(breakdown.get(p, "–")) for p in phases) + " |")
-    lines += ["", "## Ratios", "", "| devices | per-device batch | runtime / DDP throughput |", "|---|---|---|"]
+    lines += ["", "## Ratios", "", "| devices | per-device batch | runtime / DDP throughput | runtime / DDP length-sorted |",
+              "|---|---|---|---|"]
     for n, per_batch in r["ddp"].items():
         for b, row in per_batch.items():
             mine = r["runtime"].get(n, {}).get(b)
+            ordered = r.get("ddp-sorted", {}).get(n, {}).get(b, {})
             if mine and "throughput" in row:
-                lines.append(f"| {n} | {b} | {mine['throughput'] / row['throughput']:.2f}x |")
+                versus_sorted = f"{mine['throughput'] / ordered['throughput']:.2f}x" if "throughput" in ordered else "–"
+                lines.append(f"| {n} | {b} | {mine['throughput'] / row['throughput']:.2f}x | {versus_sorted} |")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +415,8 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{report['name']}: {title}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

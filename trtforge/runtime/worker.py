@@ -37,6 +37,8 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
 
         if device == "cpu":
             torch.set_num_threads(1)
+        else:
+            torch.cuda.set_device(device)  # every context, stream and registration on this worker's GPU
         start = time.perf_counter()
         engine = trtforge.load(artifact, device, backend_name=backend_name)
         loaded_s = time.perf_counter() - start
@@ -180,7 +182,8 @@ def _register(arena: Arena) -> bool:
     """Page-lock an arena for CUDA, so that copies to and from the device need no staging copy."""
     import torch
 
-    error = torch.cuda.cudart().cudaHostRegister(arena.address, arena.size, 0)
+    portable = 1  # cudaHostRegisterPortable: pinned for every CUDA context, not only the current one
+    error = torch.cuda.cudart().cudaHostRegister(arena.address, arena.size, portable)
     return int(error) == 0
 
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The device runs behind results/2026-11-28-h100x4-data-path (issues 9 and 10), stage by stage:
+#
+#   bash benchmarks/device_runs.sh OUT STAGE...
+#
+# Stages: tests (GPU tests), scale-minilm (1/2/4 GPUs, batch 32/128, outputs device and host),
+# scale-bert (1/2/4 GPUs, batch 1/32/128, host), text-bert, text-minilm (real text, short and
+# passage, 1 and 4 GPUs, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
+# Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
+# HF_HUB_OFFLINE=1). Every stage writes its results and its log under OUT and keeps going on failure.
+set -u
+OUT=$1; shift
+ENG=${ENG:-/tmp/eng}
+ITER=${ITER:-100}
+mkdir -p "$OUT"
+bench() {  # name, recipe, options...
+  local name=$1 recipe=$2; shift 2
+  echo "== $name: python3 -m trtforge bench $recipe --out $ENG --results $OUT/$name $*" | tee -a "$OUT/commands.txt"
+  python3 -m trtforge bench "$recipe" --out "$ENG" --results "$OUT/$name" --iterations "$ITER" --warmup 10 "$@" \
+    > "$OUT/$name.log" 2>&1
+  echo "   exit $? ($(date -u +%H:%M:%S))" | tee -a "$OUT/commands.txt"
+}
+for stage in "$@"; do
+  case $stage in
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA > "$OUT/gpu-tests.log" 2>&1
+      echo "gpu tests exit $?"; tail -3 "$OUT/gpu-tests.log" ;;
+    scale-minilm)
+      bench minilm-device recipes/minilm.toml --devices 1,2,4 --batches 32,128 --outputs device --baselines ddp
+      bench minilm-host recipes/minilm.toml --devices 1,2,4 --batches 32,128 --outputs host --baselines ddp ;;
+    scale-bert)
+      bench bert-base recipes/bert-base-classifier.toml --devices 1,2,4 --batches 1,32,128 --baselines ddp,compile ;;
+    callers)
+      bench minilm-host-4callers recipes/minilm.toml --devices 4 --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
+    text-bert)
+      for w in short passage; do
+        bench "bert-base-$w" recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload "$w" \
+          --baselines ddp,ddp-sorted,compile
+      done ;;
+    text-minilm)
+      bench minilm-short recipes/minilm.toml --devices 1,4 --batches 32,128 --workload short --sequence 256 \
+        --baselines ddp,ddp-sorted,compile ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
