@@ -4,7 +4,7 @@
 #   bash benchmarks/device_runs.sh OUT STAGE...
 #
 # Stages: tests (GPU tests), scale-minilm (1/2/4 GPUs, batch 32/128, outputs device and host),
-# scale-bert (1/2/4 GPUs, batch 1/32/128, host), text-bert, text-minilm (real text, short and
+# scale-bert (1/2/4 GPUs, batch 1/32/128, host), callers (4 caller threads), manifests, text-bert, text-minilm (real text, short and
 # passage, 1 and 4 GPUs, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
 # Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
 # HF_HUB_OFFLINE=1). Every stage writes its results and its log under OUT and keeps going on failure.
@@ -40,6 +40,8 @@ for stage in "$@"; do
     text-minilm)
       bench minilm-short recipes/minilm.toml --devices 1,4 --batches 32,128 --workload short --sequence 256 \
         --baselines ddp,ddp-sorted,compile ;;
+    manifests)  # the artifacts' manifests: engines, packed sweeps and rules, checks
+      for m in "$ENG"/*/manifest.json; do cp "$m" "$OUT/manifest-$(basename "$(dirname "$m")").json"; done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -5,6 +5,7 @@ under a timeout (a subprocess, or a future's result)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -134,6 +135,8 @@ def test_a_worker_killed_while_holding_slots_fails_only_its_chunks_and_leaks_not
         batch = padded(7, 16, seed=9)
         np.testing.assert_allclose(rt.run(batch, timeout=20)["logits"], single_process(artifact, batch),
                                    rtol=1e-3, atol=1e-3)
+    del futures, future  # results live in the runtime's shared heap while they are referenced
+    gc.collect()
     assert not memfds()
 
 
@@ -156,6 +159,8 @@ def test_close_with_requests_in_flight_fails_them_and_frees_everything(artifact)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    del futures, future
+    gc.collect()
     assert not memfds()
     with pytest.raises(WorkerError, match="closed"):
         rt.submit(padded(1, 8, seed=0))
@@ -202,3 +207,26 @@ def test_a_caller_that_crashes_leaves_no_workers_and_no_shared_memory(artifact, 
     finally:
         caller.kill()
         caller.wait(timeout=30)
+
+
+def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_copies(artifact):
+    """Host results are arrays over the runtime's shared heap, written there by the workers; a caller
+    that holds more results than the heap has room for gets copies (still right), and each block goes
+    back to the heap when the arrays over it die."""
+    with Runtime(artifact, devices=1, timeout_s=30) as rt:
+        heap = rt._heap
+        requests = [padded(4, 12, seed=s) for s in range(3 * SLOTS)]
+        held = [rt.run(batch)["logits"] for batch in requests]
+        assert len(heap.used) == SLOTS  # room for one worker's slots of results: the rest were copied
+        in_heap = [r for r in held if r.base is not None and r.base.base is not None
+                   and isinstance(r.base.base, memoryview)]
+        assert len(in_heap) == SLOTS
+        for batch, result in zip(requests, held):
+            np.testing.assert_allclose(result, single_process(artifact, batch), rtol=1e-3, atol=1e-3)
+        view = held[0][1:3]  # a view keeps its block
+        del held, in_heap, result
+        gc.collect()
+        assert len(heap.used) == 1
+        del view
+        gc.collect()
+        assert not heap.used and heap.free_blocks == [(0, heap.slot_bytes)]

@@ -8,11 +8,14 @@ engine (a library abort, an out-of-memory kill) takes down only its worker. A ba
 the devices can take at once is split into chunks within each engine's profile; chunks wait in one
 queue and go to whichever worker has a free slot, and results come back in input order.
 
-The data path (runtime/shm.py): each worker has SLOTS slots of shared memory for inputs and as many
-for host outputs, created here and reused for the runtime's life. A chunk's inputs are written once,
-into a slot; the worker reads them in place and writes its host outputs into the caller's output
-slot; only descriptors cross the pipes. One receiver thread per worker copies results out (numpy
-copies run without the GIL, so workers' results are taken in parallel) and hands the slot on.
+The data path (runtime/shm.py): each worker has SLOTS slots of shared memory for inputs (and as many
+for staging outputs), and the runtime has one shared heap for results, all created here and reused
+for the runtime's life. A chunk's inputs are written once, into a slot; the worker reads them in
+place. For host outputs, each request gets a block of the heap at submit, the workers write their
+rows of the result straight into it (padding zeroed, in input order), and the caller hands out numpy
+arrays over the block: no copy on the caller's side, whatever the size of the outputs; the block
+returns to the heap when those arrays die. Only descriptors cross the pipes; one receiver thread per
+worker takes them.
 
 Errors in a worker reach the caller as WorkerError (WorkerDied, RequestTimeout); the other workers
 keep serving; nothing waits forever. Any number of caller threads may submit at once; the runtime
@@ -36,7 +39,7 @@ import numpy as np
 from trtforge.errors import CompatibilityError, TrtforgeError
 from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.requests import request_arrays, request_rows
-from trtforge.runtime.shm import ALIGN, SLOTS, Arena, max_bytes
+from trtforge.runtime.shm import ALIGN, SLOTS, Arena, Heap, Layout, max_bytes
 from trtforge.store import read_manifest
 
 
@@ -78,6 +81,10 @@ class _Request:
     workers: dict[int, int] = field(default_factory=dict)  # chunk -> worker index
     queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
     lock: threading.Lock = field(default_factory=threading.Lock)
+    block: int | None = None  # the request's result block in the heap (host outputs)
+    layout: Layout | None = None  # the results in that block: (name, dtype, shape, absolute offset)
+    in_flight: int = 0  # chunks sent to workers and not answered: the block is theirs meanwhile
+    failed: bool = False
 
 
 @dataclass
@@ -164,12 +171,15 @@ class Runtime:
         self.devices = resolve_devices(devices)
         self._requests: dict[int, _Request] = {}
         self._pending: collections.deque[_Chunk] = collections.deque()
+        self._sent: dict[tuple[int, int], _Request] = {}  # (request, chunk) -> request, until answered
         self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
         self._workers: list[_Worker] = []
         input_bytes, output_bytes = self._slot_bytes()
+        # Room for every worker's slots' worth of results at once; past that, results are copied.
+        self._heap = Heap(len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
         for index, device in enumerate(self.devices):
             inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
@@ -181,7 +191,8 @@ class Runtime:
             process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{index}",
                                       args=(index, str(self.artifact), device, backend, outputs, requests_reader,
                                             writer, [tuple(w) for w in warm],
-                                            (inputs.handle(), outputs_arena.handle())))
+                                            (inputs.handle(), outputs_arena.handle(),
+                                             self._heap.handle() if self._heap is not None else None)))
             process.start()
             writer.close()  # the worker holds the only write end: its exit shows as EOF here
             requests_reader.close()
@@ -261,7 +272,25 @@ class Runtime:
         request.length = sequence[0] if sequence else 0
         if lengths is not None:
             request.mask = arrays["attention_mask"] != 0
+        self._reserve(request, rows)
         return self._enqueue(request)
+
+    def _reserve(self, request: _Request, rows: int) -> None:
+        """A block of the heap for the request's host outputs, where the output shapes are known and
+        there is room (else the workers' results are copied out of their slots)."""
+        if self._heap is None:
+            return
+        layout, offset = [], 0
+        for name, spec in self.output_specs.items():
+            shape = [rows if d == "batch" else request.length if d == "sequence" else d for d in spec["shape"]]
+            if not all(isinstance(d, int) for d in shape):
+                return
+            layout.append((name, np.dtype(spec["dtype"]).str, tuple(shape), offset))
+            offset += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize // ALIGN) * ALIGN
+        block = self._heap.allocate(offset)
+        if block is not None:
+            request.block = block
+            request.layout = [(name, dtype, shape, block + start) for name, dtype, shape, start in layout]
 
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return request_arrays(batch, self.inputs, self.manifest["model"].get("vocab_size"))
@@ -346,23 +375,33 @@ class Runtime:
                     continue
                 slot = worker.free.pop()
                 worker.outstanding[(chunk.request_id, chunk.index)] = slot
+                self._sent[(chunk.request_id, chunk.index)] = request
                 request.workers[chunk.index] = worker.index
             self._send(worker, slot, request, chunk)
 
     def _send(self, worker: _Worker, slot: int, request: _Request, chunk: _Chunk) -> None:
         """The chunk's inputs into the worker's slot, then its descriptor down the worker's pipe."""
+        target = None
         if request.text:
             layout = worker.inputs.write_texts(slot, [request.arrays[i] for i in chunk.rows])
             kind = "encode"
         else:
-            layout = worker.inputs.write(slot, self._slice(request.arrays, chunk))
+            arrays = self._slice(request.arrays, chunk)
+            if request.block is not None:  # where the worker puts this chunk's rows of the result
+                span = _span(chunk.rows)
+                if span is None:
+                    arrays["__rows__"] = np.asarray(chunk.rows, dtype=np.int64)
+                target = (request.layout, span)
+            layout = worker.inputs.write(slot, arrays)
             kind = "run"
         if layout is None:  # cannot happen for checked requests: slots hold the profile's largest chunk
             raise AssertionError("a chunk larger than its slot")
         request.queued[chunk.index] = time.monotonic()
+        with request.lock:
+            request.in_flight += 1
         try:
             with worker.send_lock:
-                worker.requests.send((kind, chunk.request_id, chunk.index, slot, layout))
+                worker.requests.send((kind, chunk.request_id, chunk.index, slot, layout, target))
         except (OSError, ValueError):
             pass  # the worker has exited: its receiver fails what it held, this chunk included
 
@@ -388,6 +427,9 @@ class Runtime:
         with self._lock:
             slot = worker.outstanding.pop((request_id, chunk), None)
             request = self._requests.get(request_id)
+            sent = self._sent.pop((request_id, chunk), None)
+        if sent is not None:
+            self._answered(sent)
         try:
             if request is not None:
                 self._record(request, chunk, timings)
@@ -406,8 +448,13 @@ class Runtime:
     def _take(self, request: _Request, chunk: int, worker: _Worker, slot: int | None, payload: tuple) -> None:
         """One chunk's outputs out of the worker's slot, into the request's results."""
         where, data = payload
-        outputs = worker.outputs.views(slot, data) if where == "shm" else data
-        if request.text or self.outputs_on == "device":
+        if where == "heap":  # the worker wrote its rows into the request's block: nothing to copy
+            outputs = {}
+        else:
+            outputs = worker.outputs.views(slot, data) if where == "shm" else data
+        if where == "heap":
+            pass
+        elif request.text or self.outputs_on == "device":
             request.parts[chunk] = {k: v.copy() for k, v in outputs.items()} if where == "shm" else outputs
         else:
             with request.lock:
@@ -446,6 +493,9 @@ class Runtime:
             return results
         if self.outputs_on == "device":
             return [request.parts[i] for i in range(len(request.chunks))]
+        if request.block is not None:  # arrays over the block, which is theirs from now on
+            block, request.block = request.block, None
+            return self._heap.arrays(block, [(n, d, s, o - block) for n, d, s, o in request.layout])
         if request.mask is not None:  # padded positions: the same (meaningless) zeros whatever the cut
             for name, full in request.results.items():
                 if "sequence" in self.output_specs.get(name, {}).get("shape", []):
@@ -480,8 +530,27 @@ class Runtime:
     def _fail(self, request_id: int, error: Exception) -> None:
         with self._lock:
             request = self._requests.pop(request_id, None)
-        if request is not None and not request.future.done():
+        if request is None:
+            return
+        with request.lock:
+            request.failed = True
+        self._settle(request)
+        if not request.future.done():
             request.future.set_exception(error)
+
+    def _answered(self, request: _Request) -> None:
+        with request.lock:
+            request.in_flight -= 1
+        self._settle(request)
+
+    def _settle(self, request: _Request) -> None:
+        """A failed request's block goes back once no worker still writes into it."""
+        with request.lock:
+            block = request.block if request.failed and request.in_flight == 0 else None
+            if block is not None:
+                request.block = None
+        if block is not None:
+            self._heap.release(block)
 
     def _exited(self, worker: _Worker) -> None:
         """The worker's pipe closed: fail what it held (and, if it was the last, what waits)."""
@@ -489,10 +558,13 @@ class Runtime:
         with self._lock:
             worker.alive = False
             failed = {request_id for request_id, _ in worker.outstanding}
+            dead = [self._sent.pop(key) for key in worker.outstanding if key in self._sent]
             worker.outstanding.clear()
             if not any(w.alive for w in self._workers):
                 failed |= {c.request_id for c in self._pending}
                 self._pending.clear()
+        for request in dead:  # it writes no more
+            self._answered(request)
         error = (WorkerError("the runtime was closed") if self._closed else
                  WorkerDied(f"worker {worker.index} ({worker.device}) exited with code {worker.process.exitcode} "
                             "during the request; the other workers keep serving"))
@@ -541,6 +613,8 @@ class Runtime:
             worker.responses.close()
             worker.inputs.close()
             worker.outputs.close()
+        if self._heap is not None:
+            self._heap.close()
         with self._lock:
             self._pending.clear()
             left = list(self._requests)
@@ -552,6 +626,15 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _span(rows: Any) -> tuple[int, int] | None:
+    """Rows as (start, stop) where they are contiguous and ascending, else None."""
+    if isinstance(rows, slice):
+        return rows.start, rows.stop
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) < 2 or np.all(np.diff(rows) == 1)):
+        return int(rows[0]), int(rows[-1]) + 1
+    return None
 
 
 def _serve(*args: Any) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -111,8 +113,9 @@ class Arena:
         self.memory = None
         try:
             self.map.close()
-        except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+        except BufferError:  # arrays over it are still referenced (results): it is unmapped when they die
             pass
+        self.map = None
         try:
             os.close(self.fd)
         except OSError:
@@ -128,3 +131,53 @@ def max_bytes(specs: list[dict[str, Any]], dims: dict[str, int], dtypes: dict[st
         dtype = (dtypes or {}).get(spec["name"], spec["dtype"])
         total += _aligned(nbytes(shape, dtype))
     return total
+
+
+class Heap(Arena):
+    """Shared memory for whole results: a block per request, allocated here (first fit), written by
+    the workers in place (each its own rows) and handed to the caller as numpy arrays over it, no
+    copy. The block goes back when the last array over it dies (or at once, if the request failed,
+    once no worker still writes into it)."""
+
+    def __init__(self, size: int, *, name: str = "trtforge-results", fd: int | None = None) -> None:
+        super().__init__(size, 1, name=name, fd=fd)
+        self.lock = threading.Lock()
+        self.free_blocks: list[tuple[int, int]] = [(0, self.slot_bytes)]  # (offset, size), sorted
+        self.used: dict[int, int] = {}
+
+    @classmethod
+    def attach(cls, handle: tuple[Any, int, int]) -> Arena:
+        return Arena.attach(handle)  # the workers only write into it
+
+    def allocate(self, size: int) -> int | None:
+        size = _aligned(max(size, 1))
+        with self.lock:
+            for i, (offset, room) in enumerate(self.free_blocks):
+                if room >= size:
+                    self.free_blocks[i:i + 1] = [(offset + size, room - size)] if room > size else []
+                    self.used[offset] = size
+                    return offset
+        return None
+
+    def release(self, offset: int) -> None:
+        with self.lock:
+            size = self.used.pop(offset, None)
+            if size is None or self.memory is None:
+                return
+            blocks = sorted([*self.free_blocks, (offset, size)])
+            merged: list[tuple[int, int]] = []
+            for start, room in blocks:
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + room)
+                else:
+                    merged.append((start, room))
+            self.free_blocks = merged
+
+    def arrays(self, offset: int, layout: Layout) -> dict[str, np.ndarray]:
+        """The block's arrays, all views of one root array that owns the block: the block is released
+        when the root dies, that is when the caller has dropped every array (and view) of it."""
+        size = self.used[offset]
+        root = np.frombuffer(memoryview(self.map)[offset:offset + size], dtype=np.uint8)
+        weakref.finalize(root, self.release, offset)
+        return {name: root[start:start + nbytes(shape, dtype)].view(dtype).reshape(shape)
+                for name, dtype, shape, start in layout}

@@ -37,13 +37,14 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
 
         if device == "cpu":
             torch.set_num_threads(1)
-        else:
+        elif torch.cuda.is_available():  # (without CUDA, loading says why this engine cannot run here)
             torch.cuda.set_device(device)  # every context, stream and registration on this worker's GPU
         start = time.perf_counter()
         engine = trtforge.load(artifact, device, backend_name=backend_name)
         loaded_s = time.perf_counter() - start
         text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
-        io = _DataPath(device, *(Arena.attach(a) for a in arenas))
+        io = _DataPath(device, *(Arena.attach(a) if a is not None else None for a in arenas))
+        io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
             engine({spec["name"]: io.staging.to_device(spec["name"], _zeros(spec, batch, length), device)
                     for spec in engine.inputs})
@@ -63,7 +64,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
         message = inbox.get()
         if message is None:
             break
-        kind, request_id, chunk, slot, payload, received = message
+        kind, request_id, chunk, slot, payload, target, received = message
         timings: dict[str, float] = {"received": received}
         try:
             if isinstance(payload, Exception):  # the reader could not prepare it (tokenization)
@@ -73,7 +74,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
                 result = io.reply(slot, outputs)
                 timings["worker_ms"] = 1e3 * (time.monotonic() - received)
             else:
-                result = io.serve(engine, slot, payload, outputs_on, timings)
+                result = io.serve(engine, slot, payload, outputs_on, timings, target)
             timings["sent"] = time.monotonic()
             responses.send(("result", request_id, chunk, index, result, timings))
         except Exception as e:  # one bad request must not stop the worker
@@ -97,7 +98,7 @@ def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEnco
         if message is None:
             inbox.put(None)
             return
-        kind, request_id, chunk, slot, layout = message
+        kind, request_id, chunk, slot, layout, target = message
         received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
         payload: Any = layout
         if kind == "encode":
@@ -107,31 +108,35 @@ def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEnco
                 payload = text.prepare(io.inputs.read_texts(slot, layout))
             except Exception as e:
                 payload = e
-        inbox.put((kind, request_id, chunk, slot, payload, received))
+        inbox.put((kind, request_id, chunk, slot, payload, target, received))
 
 
 class _DataPath:
-    """The worker's side of the shared arenas: inputs read in place (on a GPU, copied to the device
-    straight from the arena, which is registered with CUDA), host outputs written into the caller's
-    output slot."""
+    """The worker's side of the shared memory: inputs read in place (on a GPU, copied to the device
+    straight from the arena, which is registered with CUDA); host outputs written into the request's
+    result block in the caller's heap, each row where the request has it (or, where the caller had no
+    room there, into the chunk's output slot)."""
 
-    def __init__(self, device: str, inputs: Arena, outputs: Arena) -> None:
-        self.device, self.inputs, self.outputs = device, inputs, outputs
+    def __init__(self, device: str, inputs: Arena, outputs: Arena, heap: Arena | None) -> None:
+        self.device, self.inputs, self.outputs, self.heap = device, inputs, outputs, heap
         self.on_gpu = device != "cpu"
         self.staging = _Staging()
-        self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs))
+        self.sequence_outputs: set[str] = set()
+        self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs, heap) if a is not None)
 
     def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
         """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
         return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()})
 
-    def serve(self, engine: Any, slot: int, layout: Any, outputs_on: str, timings: dict[str, float]) -> tuple:
+    def serve(self, engine: Any, slot: int, layout: Any, outputs_on: str, timings: dict[str, float],
+              target: Any = None) -> tuple:
         """One chunk from its input slot through the engine; `timings` gets the milliseconds of inputs
         (to the device), engine (to its last kernel, where outputs go to the host anyway) and outputs."""
         import torch
 
         start = time.monotonic()
         views = self.inputs.views(slot, layout)
+        rows = views.pop("__rows__", None)  # where this chunk's rows go in the request's result
         if not self.on_gpu:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
         elif self.registered:
@@ -147,11 +152,45 @@ class _DataPath:
             if self.on_gpu:
                 torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
             engine_done = time.monotonic()
-            result = self.reply(slot, outputs)
+            if target is not None:
+                self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
+                result = ("heap", None)
+            else:
+                result = self.reply(slot, outputs)
         end = time.monotonic()
         timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done),
                        outputs_ms=1e3 * (end - engine_done))
         return result
+
+    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> None:
+        """The chunk's outputs into the request's result block: padded positions zeroed and the
+        sequence axis padded back to the request's length (on the device), then straight into the
+        block where the chunk's rows are contiguous, else through the chunk's output slot and one
+        scatter of its rows."""
+        import torch
+
+        layout, span = target
+        full = self.heap.views(0, layout)
+        for name, value in outputs.items():
+            dest = full[name]
+            if name in self.sequence_outputs and mask is not None and value.ndim >= 2:
+                value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).to(value.dtype)
+                if value.shape[1] < dest.shape[1]:
+                    pad = [0, 0] * (value.ndim - 2) + [0, dest.shape[1] - value.shape[1]]
+                    value = torch.nn.functional.pad(value, pad)
+            if span is not None:  # rows start..stop of the result
+                torch.from_numpy(dest[span[0]:span[1]]).copy_(value, non_blocking=self.registered)
+                continue
+            index = torch.from_numpy(rows)
+            if self.on_gpu:
+                [staged] = self.outputs.views(slot, self.outputs.layout({name: (tuple(value.shape), dest.dtype)})).values()
+                staged = torch.from_numpy(staged)
+                staged.copy_(value, non_blocking=self.registered)
+                torch.cuda.current_stream().synchronize()
+                value = staged
+            torch.from_numpy(dest).index_copy_(0, index, value.to(torch.from_numpy(dest[:0]).dtype))
+        if self.on_gpu:
+            torch.cuda.current_stream().synchronize()
 
     def reply(self, slot: int, outputs: dict[str, Any]) -> tuple:
         """Host outputs into the caller's output slot (or inline, where they do not fit it)."""
@@ -174,8 +213,9 @@ class _DataPath:
         if self.registered:
             import torch
 
-            for arena in (self.inputs, self.outputs):
-                torch.cuda.cudart().cudaHostUnregister(arena.address)
+            for arena in (self.inputs, self.outputs, self.heap):
+                if arena is not None:
+                    torch.cuda.cudart().cudaHostUnregister(arena.address)
 
 
 def _register(arena: Arena) -> bool:
