@@ -230,3 +230,15 @@ def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_co
         del view
         gc.collect()
         assert not heap.used and heap.free_blocks == [(0, heap.slot_bytes)]
+
+
+def test_chunks_at_the_profiles_largest_shape_with_scattered_rows_fit_their_slots(artifact):
+    """The largest chunk the profile allows (max batch, max sequence), its rows scattered through the
+    request by length-aware batching, still fits its slot with the row index that goes with it."""
+    lengths = [32, 3, 31, 5, 32, 2, 30, 4]  # two chunks of 4 (the max batch), one at sequence 32 (the max)
+    mask = (np.arange(32)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    ids = np.random.default_rng(5).integers(1, 1000, (8, 32)) * mask
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    with Runtime(artifact, devices=1, timeout_s=30) as rt:
+        got = rt.run(batch)["logits"]
+    np.testing.assert_allclose(got, single_process(artifact, batch), rtol=1e-3, atol=1e-3)

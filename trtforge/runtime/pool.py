@@ -214,7 +214,8 @@ class Runtime:
         """One chunk at the profile's largest shapes: its inputs (or its texts), its host outputs
         (at least 4 bytes an element: FP16 engines may return FP32)."""
         largest = {name: hi for name, (_, _, hi) in self.profile.items()}
-        inputs = max_bytes(self.inputs, largest)
+        rows = -(-8 * self.max_batch // ALIGN) * ALIGN  # "__rows__": where a chunk's rows go in the result
+        inputs = max_bytes(self.inputs, largest) + rows
         if self.text is not None:
             # UTF-8 takes at most 4 bytes a character; 8 bytes of end offset per text.
             per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
