@@ -122,6 +122,8 @@ def test_a_worker_killed_while_holding_slots_fails_only_its_chunks_and_leaks_not
         os.kill(victim, signal.SIGSTOP)  # it holds its slots: every one filled and unanswered
         futures = [rt.submit(padded(1, 8, seed=s)) for s in range(3 * SLOTS)]
         time.sleep(0.3)
+        held = len(rt._workers[0].outstanding)  # the chunks in its slots (the rest went to worker 1)
+        assert 1 <= held <= SLOTS
         os.kill(victim, signal.SIGKILL)
         outcomes = []
         for future in futures:
@@ -130,7 +132,7 @@ def test_a_worker_killed_while_holding_slots_fails_only_its_chunks_and_leaks_not
                 outcomes.append("ok")
             except WorkerDied:
                 outcomes.append("died")
-        assert outcomes.count("died") == SLOTS  # exactly the chunks in the dead worker's slots
+        assert outcomes.count("died") == held  # exactly the chunks in the dead worker's slots
         assert [w["alive"] for w in rt.workers] == [False, True]
         batch = padded(7, 16, seed=9)
         np.testing.assert_allclose(rt.run(batch, timeout=20)["logits"], single_process(artifact, batch),

@@ -113,6 +113,9 @@ class Backend(ABC):
     # Variants of the engine that the worker builds, checks and times, keeping the fastest that
     # passes; one unnamed variant for most backends.
     candidates: tuple[str, ...] = ("",)
+    # What a built engine directory holds, as a number in every engine's cache key: raised when a
+    # backend starts writing something more, so that cached engines without it are rebuilt.
+    layout: int = 1
 
     @abstractmethod
     def build(self, job: BuildJob, log: Any, candidate: str = "") -> dict[str, Any]:

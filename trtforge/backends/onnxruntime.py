@@ -37,6 +37,7 @@ OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5"
 class OnnxruntimeBackend(Backend):
     engine_file = "model.onnx"
     module = "onnxruntime"
+    layout = 2  # 2: the CUDA engine's directory also holds the padding-free twin
 
     def __init__(self, provider: str) -> None:
         self.provider = provider

@@ -74,7 +74,7 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
         version = engine_backend.library_version()
         for target in targets:
             key = key_of("engine", build.keys["fp16"], name, target.as_dict(), version, _options(build),
-                         asdict(spec.tolerance))
+                         asdict(spec.tolerance), engine_backend.layout)
             planned.append(Planned(name, target, key))
     return planned, skipped
 
