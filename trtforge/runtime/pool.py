@@ -30,105 +30,20 @@ import math
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from trtforge.errors import CompatibilityError, TrtforgeError
 from trtforge.runtime.batching import bucket_for, real_lengths
-from trtforge.runtime.requests import request_arrays, request_rows
-from trtforge.runtime.shm import ALIGN, SLOTS, Arena, Heap, Layout, max_bytes
+from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, resolve_devices,
+                                        start_worker, stop_workers, wait_ready)
+from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
+from trtforge.runtime.shm import ALIGN, SLOTS, Heap, max_bytes
 from trtforge.store import read_manifest
 
+__all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
 
-class WorkerError(TrtforgeError):
-    """A request failed inside a worker (bad input, out of memory, an engine error)."""
-
-    exit_code = 1
-
-
-class WorkerDied(WorkerError):
-    """The worker process serving (part of) a request exited."""
-
-
-class RequestTimeout(WorkerError):
-    """No answer within the runtime's timeout."""
-
-
-@dataclass
-class _Chunk:
-    request_id: int
-    index: int
-    rows: Any  # a slice or an index array of the request's rows (texts, for a text request)
-    length: int | None = None  # the sequence length it is cut to (length-aware batches)
-
-
-@dataclass
-class _Request:
-    future: Future
-    arrays: dict[str, np.ndarray] | list[str]  # the inputs (token ids), or the texts
-    chunks: list[_Chunk]
-    deadline: float
-    submitted: float  # time.monotonic() when submit was called
-    text: bool = False
-    length: int = 0  # the request's sequence length (the shape results come back in)
-    mask: np.ndarray | None = None  # real positions of a length-aware request
-    results: dict[str, np.ndarray] | None = None  # host outputs, filled in as chunks come back
-    parts: dict[int, Any] = field(default_factory=dict)  # per chunk: device outputs, or text results
-    done: int = 0
-    workers: dict[int, int] = field(default_factory=dict)  # chunk -> worker index
-    queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    block: int | None = None  # the request's result block in the heap (host outputs)
-    layout: Layout | None = None  # the results in that block: (name, dtype, shape, absolute offset)
-    in_flight: int = 0  # chunks sent to workers and not answered: the block is theirs meanwhile
-    failed: bool = False
-
-
-@dataclass
-class _Worker:
-    index: int
-    device: str
-    process: Any
-    requests: Any  # the write end of this worker's request pipe
-    responses: Any  # the read end of this worker's own answer pipe
-    inputs: Arena
-    outputs: Arena
-    info: dict[str, Any] = field(default_factory=dict)
-    free: list[int] = field(default_factory=lambda: list(range(SLOTS)))
-    outstanding: dict[tuple[int, int], int] = field(default_factory=dict)  # (request, chunk) -> slot
-    alive: bool = True
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    receiver: threading.Thread | None = None
-
-
-def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
-    """"all" (every GPU), "cpu", an int N (N CPU workers, for tests), or a list of GPU indices/names."""
-    if devices == "all":
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise CompatibilityError("devices='all' but this machine has no GPU; use devices='cpu' "
-                                     "with an artifact that has an onnxruntime-cpu engine")
-        return [f"cuda:{i}" for i in range(count)]
-    if devices == "cpu":
-        return ["cpu"]
-    if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1):
-        raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
-    if isinstance(devices, int):
-        return ["cpu"] * devices
-    if isinstance(devices, str) or not devices:
-        raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
-    for d in devices:
-        if isinstance(d, bool) or (isinstance(d, int) and d < 0):
-            raise ValueError(f"devices: {d!r} is not a GPU index (0, 1, ...)")
-    return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
-
-
-CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the runtime closes
 TEXT_BYTES_PER_TOKEN = 16  # texts are cut at max_length x this many characters before they are sent
 
 
@@ -169,36 +84,23 @@ class Runtime:
                              "or batching='fixed'")
         self.text = _text_config(self.artifact, manifest)
         self.devices = resolve_devices(devices)
-        self._requests: dict[int, _Request] = {}
-        self._pending: collections.deque[_Chunk] = collections.deque()
-        self._sent: dict[tuple[int, int], _Request] = {}  # (request, chunk) -> request, until answered
+        self._requests: dict[int, Request] = {}
+        self._pending: collections.deque[Chunk] = collections.deque()
+        self._sent: dict[tuple[int, int], Request] = {}  # (request, chunk) -> request, until answered
         self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
-        self._workers: list[_Worker] = []
         input_bytes, output_bytes = self._slot_bytes()
         # Room for every worker's slots' worth of results at once; past that, results are copied.
         self._heap = Heap(len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
-        for index, device in enumerate(self.devices):
-            inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
-            outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
-            requests_reader, requests_writer = context.Pipe(duplex=False)
-            # One answer pipe per worker: a shared queue's write lock, held by a worker that is killed
-            # mid-send, would block every other worker for good.
-            reader, writer = context.Pipe(duplex=False)
-            process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{index}",
-                                      args=(index, str(self.artifact), device, backend, outputs, requests_reader,
-                                            writer, [tuple(w) for w in warm],
-                                            (inputs.handle(), outputs_arena.handle(),
-                                             self._heap.handle() if self._heap is not None else None)))
-            process.start()
-            writer.close()  # the worker holds the only write end: its exit shows as EOF here
-            requests_reader.close()
-            self._workers.append(_Worker(index, device, process, requests_writer, reader, inputs, outputs_arena))
+        self._workers: list[Worker] = [
+            start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
+                          input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context)
+            for index, device in enumerate(self.devices)]
         try:
-            self._wait_ready(start_timeout_s)
+            wait_ready(self._workers, start_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -226,30 +128,6 @@ class Runtime:
         wide = {s["name"]: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"] for s in specs}
         return inputs, max_bytes(specs, largest, wide)
 
-    # --- start-up -------------------------------------------------------------------------------------
-    def _wait_ready(self, timeout_s: float) -> None:
-        from multiprocessing.connection import wait
-
-        deadline = time.monotonic() + timeout_s
-        waiting = {w.index: w for w in self._workers}
-        while waiting:
-            by_reader = {id(w.responses): w for w in waiting.values()}
-            timeout = min(1.0, max(0.1, deadline - time.monotonic()))
-            for reader in wait([w.responses for w in waiting.values()], timeout=timeout):
-                worker = by_reader[id(reader)]
-                try:
-                    kind, index, payload = reader.recv()
-                except Exception:  # EOF, or a message cut short by the worker's death
-                    worker.process.join(timeout=5)  # its exit code, not None
-                    raise WorkerDied(f"worker for {worker.device} exited while loading "
-                                     f"(exit code {worker.process.exitcode})") from None
-                if kind == "failed":
-                    raise WorkerError(f"worker for {worker.device} could not load the engine: {payload}")
-                worker.info = payload
-                waiting.pop(index)
-            if waiting and time.monotonic() > deadline:
-                raise RequestTimeout(f"workers for {sorted(waiting)} not ready after {timeout_s:.0f} s")
-
     @property
     def workers(self) -> list[dict[str, Any]]:
         return [{"index": w.index, "device": w.device, "alive": w.alive, **w.info} for w in self._workers]
@@ -266,9 +144,9 @@ class Runtime:
         live = self._live()
         lengths = real_lengths(arrays) if self.batching == "length" else None
         request_id = next(self._ids)
-        chunks = [_Chunk(request_id, i, index, length)
+        chunks = [Chunk(request_id, i, index, length)
                   for i, (index, length) in enumerate(self._groups(rows, len(live), lengths))]
-        request = _Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
+        request = Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
         sequence = [v.shape[1] for k, v in arrays.items() if k in self.sequence_inputs and v.ndim > 1]
         request.length = sequence[0] if sequence else 0
         if lengths is not None:
@@ -276,7 +154,7 @@ class Runtime:
         self._reserve(request, rows)
         return self._enqueue(request)
 
-    def _reserve(self, request: _Request, rows: int) -> None:
+    def _reserve(self, request: Request, rows: int) -> None:
         """A block of the heap for the request's host outputs, where the output shapes are known and
         there is room (else the workers' results are copied out of their slots)."""
         if self._heap is None:
@@ -300,7 +178,7 @@ class Runtime:
         if self._closed:
             raise WorkerError("the runtime is closed")
 
-    def _live(self) -> list[_Worker]:
+    def _live(self) -> list[Worker]:
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerDied("every worker has exited; create a new Runtime")
@@ -343,8 +221,8 @@ class Runtime:
         order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
         count = max(math.ceil(len(texts) / self.max_batch), min(len(live), len(texts)))
         request_id = next(self._ids)
-        chunks = [_Chunk(request_id, i, part) for i, part in enumerate(np.array_split(order, count))]
-        return self._enqueue(_Request(Future(), texts, chunks, submitted + self.timeout_s, submitted, text=True))
+        chunks = [Chunk(request_id, i, part) for i, part in enumerate(np.array_split(order, count))]
+        return self._enqueue(Request(Future(), texts, chunks, submitted + self.timeout_s, submitted, text=True))
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
@@ -353,7 +231,7 @@ class Runtime:
     def run(self, batch: Mapping[str, Any], timeout: float | None = None) -> Any:
         return self.submit(batch).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
 
-    def _enqueue(self, request: _Request) -> Future:
+    def _enqueue(self, request: Request) -> Future:
         with self._lock:
             self._requests[request.chunks[0].request_id] = request
             self._pending.extend(request.chunks)
@@ -380,7 +258,7 @@ class Runtime:
                 request.workers[chunk.index] = worker.index
             self._send(worker, slot, request, chunk)
 
-    def _send(self, worker: _Worker, slot: int, request: _Request, chunk: _Chunk) -> None:
+    def _send(self, worker: Worker, slot: int, request: Request, chunk: Chunk) -> None:
         """The chunk's inputs into the worker's slot, then its descriptor down the worker's pipe."""
         target = None
         if request.text:
@@ -389,10 +267,10 @@ class Runtime:
         else:
             arrays = self._slice(request.arrays, chunk)
             if request.block is not None:  # where the worker puts this chunk's rows of the result
-                span = _span(chunk.rows)
-                if span is None:
+                contiguous = span(chunk.rows)
+                if contiguous is None:
                     arrays["__rows__"] = np.asarray(chunk.rows, dtype=np.int64)
-                target = (request.layout, span)
+                target = (request.layout, contiguous)
             layout = worker.inputs.write(slot, arrays)
             kind = "run"
         if layout is None:  # cannot happen for checked requests: slots hold the profile's largest chunk
@@ -406,14 +284,14 @@ class Runtime:
         except (OSError, ValueError):
             pass  # the worker has exited: its receiver fails what it held, this chunk included
 
-    def _slice(self, arrays: dict[str, np.ndarray], chunk: _Chunk) -> dict[str, np.ndarray]:
+    def _slice(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
         if chunk.length is None:
             return {k: v[chunk.rows] for k, v in arrays.items()}
         return {k: v[chunk.rows, :chunk.length] if k in self.sequence_inputs else v[chunk.rows]
                 for k, v in arrays.items()}
 
     # --- results --------------------------------------------------------------------------------------
-    def _receive(self, worker: _Worker) -> None:
+    def _receive(self, worker: Worker) -> None:
         """This worker's answers, until its pipe closes (the worker exited)."""
         while True:
             try:
@@ -423,7 +301,7 @@ class Runtime:
             self._handle(worker, message)
         self._exited(worker)
 
-    def _handle(self, worker: _Worker, message: tuple) -> None:
+    def _handle(self, worker: Worker, message: tuple) -> None:
         kind, request_id, chunk, _, payload, timings = message
         with self._lock:
             slot = worker.outstanding.pop((request_id, chunk), None)
@@ -446,7 +324,7 @@ class Runtime:
                     worker.free.append(slot)
             self._dispatch()
 
-    def _take(self, request: _Request, chunk: int, worker: _Worker, slot: int | None, payload: tuple) -> None:
+    def _take(self, request: Request, chunk: int, worker: Worker, slot: int | None, payload: tuple) -> None:
         """One chunk's outputs out of the worker's slot, into the request's results."""
         where, data = payload
         if where == "heap":  # the worker wrote its rows into the request's block: nothing to copy
@@ -470,7 +348,7 @@ class Runtime:
         if complete:
             request.future.set_result(self._assemble(request))
 
-    def _allocate(self, request: _Request, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _allocate(self, request: Request, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each output for the whole request: the request's rows, its sequence axis at the request's length."""
         rows = len(next(iter(request.arrays.values())))
         results = {}
@@ -481,7 +359,7 @@ class Runtime:
             results[name] = np.zeros(shape, dtype=part.dtype)
         return results
 
-    def _assemble(self, request: _Request) -> Any:
+    def _assemble(self, request: Request) -> Any:
         if request.text:  # parts in text order; per-token outputs padded with zeros to the longest
             parts = [request.parts[i] for i in range(len(request.chunks))]
             results = {}
@@ -503,7 +381,7 @@ class Runtime:
                     full[~request.mask] = 0
         return request.results
 
-    def _record(self, request: _Request, chunk: int, worker: dict[str, float]) -> None:
+    def _record(self, request: Request, chunk: int, worker: dict[str, float]) -> None:
         """One chunk's time, phase by phase (see time_breakdown)."""
         queued = request.queued.get(chunk)
         if queued is None or "received" not in worker:
@@ -539,12 +417,12 @@ class Runtime:
         if not request.future.done():
             request.future.set_exception(error)
 
-    def _answered(self, request: _Request) -> None:
+    def _answered(self, request: Request) -> None:
         with request.lock:
             request.in_flight -= 1
         self._settle(request)
 
-    def _settle(self, request: _Request) -> None:
+    def _settle(self, request: Request) -> None:
         """A failed request's block goes back once no worker still writes into it."""
         with request.lock:
             block = request.block if request.failed and request.in_flight == 0 else None
@@ -553,7 +431,7 @@ class Runtime:
         if block is not None:
             self._heap.release(block)
 
-    def _exited(self, worker: _Worker) -> None:
+    def _exited(self, worker: Worker) -> None:
         """The worker's pipe closed: fail what it held (and, if it was the last, what waits)."""
         worker.process.join(timeout=5)
         with self._lock:
@@ -592,28 +470,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        for worker in self._workers:
-            if worker.process.is_alive() and not worker.outstanding and worker.send_lock.acquire(timeout=1):
-                try:
-                    worker.requests.send(None)  # at most SLOTS small descriptors ahead of it: never blocks
-                except (OSError, ValueError):
-                    pass
-                finally:
-                    worker.send_lock.release()
-        deadline = time.monotonic() + CLOSE_GRACE_S  # one grace period for all, not one per worker
-        for worker in self._workers:
-            if not worker.outstanding:
-                worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():  # busy with work nobody will read, stopped, or slow to exit
-                worker.process.kill()
-                worker.process.join(timeout=5)
-        for worker in self._workers:
-            if worker.receiver is not None:
-                worker.receiver.join(timeout=5)
-            worker.requests.close()
-            worker.responses.close()
-            worker.inputs.close()
-            worker.outputs.close()
+        stop_workers(getattr(self, "_workers", []))
         if self._heap is not None:
             self._heap.close()
         with self._lock:
@@ -627,21 +484,6 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _span(rows: Any) -> tuple[int, int] | None:
-    """Rows as (start, stop) where they are contiguous and ascending, else None."""
-    if isinstance(rows, slice):
-        return rows.start, rows.stop
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) < 2 or np.all(np.diff(rows) == 1)):
-        return int(rows[0]), int(rows[-1]) + 1
-    return None
-
-
-def _serve(*args: Any) -> None:
-    from trtforge.runtime.worker import serve
-
-    serve(*args)
 
 
 def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,9 +1,13 @@
-"""What the runtime checks at the call, before any work: a request's names, dtypes, token ids and
-shapes, each refused with an error that says what to change."""
+"""A request in the runtime: what is checked at the call, before any work (names, dtypes, token ids
+and shapes, each refused with an error that says what to change), and the records that follow it
+through the workers."""
 
 from __future__ import annotations
 
 import difflib
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -11,6 +15,7 @@ import numpy as np
 from trtforge.errors import ShapeError
 from trtforge.loader import check_shapes
 from trtforge.runtime.batching import as_array
+from trtforge.runtime.shm import Layout
 
 
 def request_arrays(batch: Mapping[str, Any], inputs: list[dict[str, Any]], vocab: int | None) -> dict[str, np.ndarray]:
@@ -61,3 +66,42 @@ def request_rows(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]],
     # Each chunk must fit the profile: check one row against every other axis.
     check_shapes(inputs, {**profile, "batch": (1, 1, hi_batch)}, {k: v[:1] for k, v in arrays.items()})
     return count
+
+
+@dataclass
+class Chunk:
+    request_id: int
+    index: int
+    rows: Any  # a slice or an index array of the request's rows (texts, for a text request)
+    length: int | None = None  # the sequence length it is cut to (length-aware batches)
+
+
+@dataclass
+class Request:
+    future: Future
+    arrays: dict[str, np.ndarray] | list[str]  # the inputs (token ids), or the texts
+    chunks: list[Chunk]
+    deadline: float
+    submitted: float  # time.monotonic() when submit was called
+    text: bool = False
+    length: int = 0  # the request's sequence length (the shape results come back in)
+    mask: np.ndarray | None = None  # real positions of a length-aware request
+    results: dict[str, np.ndarray] | None = None  # host outputs, filled in as chunks come back
+    parts: dict[int, Any] = field(default_factory=dict)  # per chunk: device outputs, or text results
+    done: int = 0
+    workers: dict[int, int] = field(default_factory=dict)  # chunk -> worker index
+    queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    block: int | None = None  # the request's result block in the heap (host outputs)
+    layout: Layout | None = None  # the results in that block: (name, dtype, shape, absolute offset)
+    in_flight: int = 0  # chunks sent to workers and not answered: the block is theirs meanwhile
+    failed: bool = False
+
+
+def span(rows: Any) -> tuple[int, int] | None:
+    """Rows as (start, stop) where they are contiguous and ascending, else None."""
+    if isinstance(rows, slice):
+        return rows.start, rows.stop
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) < 2 or np.all(np.diff(rows) == 1)):
+        return int(rows[0]), int(rows[-1]) + 1
+    return None
