@@ -325,12 +325,10 @@ class Runtime:
             self._dispatch()
 
     def _take(self, request: Request, chunk: int, worker: Worker, slot: int | None, payload: tuple) -> None:
-        """One chunk's outputs out of the worker's slot, into the request's results."""
+        """One chunk's outputs into the request's results: nothing to do where the worker wrote its
+        rows into the request's heap block; else copied out of the worker's slot (or taken as sent)."""
         where, data = payload
-        if where == "heap":  # the worker wrote its rows into the request's block: nothing to copy
-            outputs = {}
-        else:
-            outputs = worker.outputs.views(slot, data) if where == "shm" else data
+        outputs = worker.outputs.views(slot, data) if where == "shm" else data
         if where == "heap":
             pass
         elif request.text or self.outputs_on == "device":
