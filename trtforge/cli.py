@@ -208,6 +208,10 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
                          baselines=_baselines(baselines), callers=callers, tokenizer=tokenizer)
     if text is not None and workload is not None:
         raise click.UsageError("give --text FILE or --workload, not both")
+    if tokenizer is not None:
+        from trtforge.runtime.bench import load_tokenizer
+
+        load_tokenizer(tokenizer)  # a wrong --tokenizer is refused before the build
     parsed = load_recipe(recipe)
     bench_dir = results or out_dir / f"{parsed.model.name}.bench"
     refuse_foreign_bench_dir(bench_dir)

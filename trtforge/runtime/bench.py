@@ -72,9 +72,8 @@ def workload_feed(loaded: Any, kind: str, rows: int, sequence: int) -> tuple[dic
     return feed, seconds, {**source, "real_tokens": int(feed["attention_mask"].sum()), "rows": rows}
 
 
-def borrow_tokenizer(loaded: Any, source: str) -> Any:
-    """The model with another model's tokenizer (for random-weight models), if its ids fit the vocabulary."""
-    import dataclasses
+def load_tokenizer(source: str) -> Any:
+    """A tokenizer from a directory or `package:NAME` (a package that ships a model directory)."""
     import importlib
 
     import transformers
@@ -89,9 +88,18 @@ def borrow_tokenizer(loaded: Any, source: str) -> Any:
             raise EnvironmentProblem(f"--tokenizer {source}: no such package with a get_model_path(); "
                                      "install it or give a tokenizer directory") from None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise EnvironmentProblem(f"--tokenizer {source}: no tokenizer there ({str(e).splitlines()[0][:120]})") from None
+
+
+def borrow_tokenizer(loaded: Any, source: str) -> Any:
+    """The model with another model's tokenizer (for random-weight models), if its ids fit the vocabulary."""
+    import dataclasses
+
+    from trtforge.errors import EnvironmentProblem
+
+    tokenizer = load_tokenizer(source)
     vocab = getattr(loaded.model.config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise EnvironmentProblem(f"--tokenizer {source}: {len(tokenizer)} tokens, more than the model's vocabulary "
