@@ -39,7 +39,7 @@ from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, resolve_devices,
                                         start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
-from trtforge.runtime.shm import ALIGN, SLOTS, Heap, max_bytes
+from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes
 from trtforge.store import read_manifest
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
@@ -86,7 +86,6 @@ class Runtime:
         self.devices = resolve_devices(devices)
         self._requests: dict[int, Request] = {}
         self._pending: collections.deque[Chunk] = collections.deque()
-        self._sent: dict[tuple[int, int], Request] = {}  # (request, chunk) -> request, until answered
         self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -116,8 +115,8 @@ class Runtime:
         """One chunk at the profile's largest shapes: its inputs (or its texts), its host outputs
         (at least 4 bytes an element: FP16 engines may return FP32)."""
         largest = {name: hi for name, (_, _, hi) in self.profile.items()}
-        rows = -(-8 * self.max_batch // ALIGN) * ALIGN  # "__rows__": where a chunk's rows go in the result
-        inputs = max_bytes(self.inputs, largest) + rows
+        rows = {"name": "__rows__", "shape": ["batch"], "dtype": "int64"}  # where a chunk's rows go in the result
+        inputs = max_bytes([*self.inputs, rows], largest)
         if self.text is not None:
             # UTF-8 takes at most 4 bytes a character; 8 bytes of end offset per text.
             per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
@@ -159,17 +158,16 @@ class Runtime:
         there is room (else the workers' results are copied out of their slots)."""
         if self._heap is None:
             return
-        layout, offset = [], 0
+        shapes = {}
         for name, spec in self.output_specs.items():
-            shape = [rows if d == "batch" else request.length if d == "sequence" else d for d in spec["shape"]]
+            shape = tuple(rows if d == "batch" else request.length if d == "sequence" else d for d in spec["shape"])
             if not all(isinstance(d, int) for d in shape):
                 return
-            layout.append((name, np.dtype(spec["dtype"]).str, tuple(shape), offset))
-            offset += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize // ALIGN) * ALIGN
-        block = self._heap.allocate(offset)
+            shapes[name] = (shape, spec["dtype"])
+        layout = self._heap.layout(shapes)
+        block = self._heap.allocate(layout_bytes(layout)) if layout is not None else None
         if block is not None:
-            request.block = block
-            request.layout = [(name, dtype, shape, block + start) for name, dtype, shape, start in layout]
+            request.block, request.layout = block, layout
 
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return request_arrays(batch, self.inputs, self.manifest["model"].get("vocab_size"))
@@ -253,8 +251,7 @@ class Runtime:
                 if request is None:  # failed or timed out while it waited
                     continue
                 slot = worker.free.pop()
-                worker.outstanding[(chunk.request_id, chunk.index)] = slot
-                self._sent[(chunk.request_id, chunk.index)] = request
+                worker.outstanding[(chunk.request_id, chunk.index)] = (slot, request)
                 request.workers[chunk.index] = worker.index
             self._send(worker, slot, request, chunk)
 
@@ -270,7 +267,7 @@ class Runtime:
                 contiguous = span(chunk.rows)
                 if contiguous is None:
                     arrays["__rows__"] = np.asarray(chunk.rows, dtype=np.int64)
-                target = (request.layout, contiguous)
+                target = (request.block, request.layout, contiguous)
             layout = worker.inputs.write(slot, arrays)
             kind = "run"
         if layout is None:  # cannot happen for checked requests: slots hold the profile's largest chunk
@@ -304,9 +301,8 @@ class Runtime:
     def _handle(self, worker: Worker, message: tuple) -> None:
         kind, request_id, chunk, _, payload, timings = message
         with self._lock:
-            slot = worker.outstanding.pop((request_id, chunk), None)
+            slot, sent = worker.outstanding.pop((request_id, chunk), (None, None))
             request = self._requests.get(request_id)
-            sent = self._sent.pop((request_id, chunk), None)
         if sent is not None:
             self._answered(sent)
         try:
@@ -372,7 +368,7 @@ class Runtime:
             return [request.parts[i] for i in range(len(request.chunks))]
         if request.block is not None:  # arrays over the block, which is theirs from now on
             block, request.block = request.block, None
-            return self._heap.arrays(block, [(n, d, s, o - block) for n, d, s, o in request.layout])
+            return self._heap.arrays(block, request.layout)
         if request.mask is not None:  # padded positions: the same (meaningless) zeros whatever the cut
             for name, full in request.results.items():
                 if "sequence" in self.output_specs.get(name, {}).get("shape", []):
@@ -435,7 +431,7 @@ class Runtime:
         with self._lock:
             worker.alive = False
             failed = {request_id for request_id, _ in worker.outstanding}
-            dead = [self._sent.pop(key) for key in worker.outstanding if key in self._sent]
+            dead = [request for _, request in worker.outstanding.values()]
             worker.outstanding.clear()
             if not any(w.alive for w in self._workers):
                 failed |= {c.request_id for c in self._pending}

@@ -41,7 +41,8 @@ class Worker:
     outputs: Arena
     info: dict[str, Any] = field(default_factory=dict)
     free: list[int] = field(default_factory=lambda: list(range(SLOTS)))
-    outstanding: dict[tuple[int, int], int] = field(default_factory=dict)  # (request, chunk) -> slot
+    # (request id, chunk) -> (slot, request), from the chunk's send until its answer
+    outstanding: dict[tuple[int, int], tuple[int, Any]] = field(default_factory=dict)
     alive: bool = True
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     receiver: threading.Thread | None = None

@@ -93,7 +93,7 @@ class Request:
     queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
     lock: threading.Lock = field(default_factory=threading.Lock)
     block: int | None = None  # the request's result block in the heap (host outputs)
-    layout: Layout | None = None  # the results in that block: (name, dtype, shape, absolute offset)
+    layout: Layout | None = None  # the results in that block: (name, dtype, shape, offset in the block)
     in_flight: int = 0  # chunks sent to workers and not answered: the block is theirs meanwhile
     failed: bool = False
 

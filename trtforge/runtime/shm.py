@@ -80,9 +80,9 @@ class Arena:
             offset += _aligned(nbytes(shape, dtype))
         return layout if offset <= self.slot_bytes else None
 
-    def views(self, slot: int, layout: Layout) -> dict[str, np.ndarray]:
-        """numpy arrays over a slot's memory, as the layout places them (no copy)."""
-        base = slot * self.slot_bytes
+    def views(self, slot: int, layout: Layout, *, offset: int = 0) -> dict[str, np.ndarray]:
+        """numpy arrays over a slot's memory (from `offset` in it), as the layout places them (no copy)."""
+        base = slot * self.slot_bytes + offset
         out = {}
         for name, dtype, shape, offset in layout:
             start = base + offset
@@ -120,6 +120,11 @@ class Arena:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def layout_bytes(layout: Layout) -> int:
+    """The bytes a layout spans."""
+    return max((start + _aligned(nbytes(shape, dtype)) for _, dtype, shape, start in layout), default=0)
 
 
 def max_bytes(specs: list[dict[str, Any]], dims: dict[str, int], dtypes: dict[str, Any] | None = None) -> int:

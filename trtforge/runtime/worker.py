@@ -1,15 +1,18 @@
 """One worker process per device: loads its engine through the checked loader, then serves requests.
 
 Tensors travel in shared memory (runtime/shm.py): the caller writes a chunk's inputs into a slot of
-the worker's input arena, the worker writes host outputs into the same slot of its output arena, and
+the worker's input arena; the worker writes host outputs into the request's block of the caller's
+results heap (or, where the caller had no room there, into the same slot of its output arena), and
 only descriptors cross the pipes. A reader thread takes messages off the pipe (and tokenizes text
-requests there, so that tokenization overlaps the engine); the main thread runs the engine.
+requests there, so that tokenization overlaps the engine); the main thread runs the engine; a writer
+thread finishes deliveries to the heap while the engine runs the next chunk.
 
-Messages in (its own pipe): ("run", request_id, chunk, slot, layout) | ("encode", request_id, chunk,
-slot, layout of the texts) | None to stop.
+Messages in (its own pipe): ("run", request_id, chunk, slot, layout, target) | ("encode", request_id,
+chunk, slot, layout of the texts, None) | None to stop; target: (block, layout, span) of the
+request's results in the heap, or None.
 Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need):
 ("ready", worker, info) | ("failed", worker, message) when loading fails |
-("result", request_id, chunk, worker, ("shm", layout) | ("inline", outputs), timings) |
+("result", request_id, chunk, worker, ("heap", None) | ("shm", layout) | ("inline", outputs), timings) |
 ("error", request_id, chunk, worker, message, timings).
 """
 
@@ -198,41 +201,38 @@ class _DataPath:
             feed = {name: self.staging.to_device(name, view, self.device) for name, view in views.items()}
         inputs_done = time.monotonic()
         outputs = engine(feed)
-        if outputs_on == "device" and self.on_gpu:
-            result: tuple = ("inline", {k: v.contiguous() for k, v in outputs.items()})  # shared by CUDA IPC
-            engine_done = time.monotonic()
+        on_device = outputs_on == "device" and self.on_gpu
+        if self.on_gpu and not on_device:
+            torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
+        engine_done = time.monotonic()
+        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done))
+        if on_device:
+            result: Any = ("inline", {k: v.contiguous() for k, v in outputs.items()})  # shared by CUDA IPC
+        elif target is not None:
+            finish = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
+
+            def delivered() -> tuple:
+                finish()
+                timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
+                return "heap", None
+
+            return delivered if self.on_gpu else delivered()
         else:
-            if self.on_gpu:
-                torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
-            engine_done = time.monotonic()
-            if target is not None:
-                finish = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
-                timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done))
-
-                def delivered() -> tuple:
-                    finish()
-                    timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
-                    return "heap", None
-
-                return delivered if self.on_gpu else delivered()
             result = self.reply(slot, outputs)
-        end = time.monotonic()
-        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done),
-                       outputs_ms=1e3 * (end - engine_done))
+        timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
         return result
 
     def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> Any:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
         sequence axis padded back to the request's length (on the device), then straight into the
         block where the chunk's rows are contiguous, else through the chunk's output slot and one
-        scatter of its rows. On a GPU the copies are only queued here: the returned function waits
-        for them and scatters (the writer thread calls it)."""
+        scatter of its rows. The copies are only queued here: the returned function waits for them
+        and scatters (on a GPU, the writer thread calls it)."""
         import torch
 
-        layout, span = target
-        full = self.heap.views(0, layout)
-        scatters = []
-        staged_at = 0
+        block, layout, span = target
+        full = {k: torch.from_numpy(v) for k, v in self.heap.views(0, layout, offset=block).items()}
+        values = {}
         for name, value in outputs.items():
             dest = full[name]
             if name in self.sequence_outputs and mask is not None and value.ndim >= 2:
@@ -240,30 +240,32 @@ class _DataPath:
                 if value.shape[1] < dest.shape[1]:
                     pad = [0, 0] * (value.ndim - 2) + [0, dest.shape[1] - value.shape[1]]
                     value = torch.nn.functional.pad(value, pad)
-            if span is not None:  # rows start..stop of the result
-                torch.from_numpy(dest[span[0]:span[1]]).copy_(value, non_blocking=self.registered)
-                continue
+            values[name] = value
+        scatters = []
+        if span is not None:  # rows start..stop of the result
+            for name, value in values.items():
+                full[name][span[0]:span[1]].copy_(value, non_blocking=self.registered)
+        else:
+            if self.on_gpu:  # to the host first, into the chunk's output slot
+                staged = self.outputs.views(slot, self.outputs.layout(
+                    {k: (tuple(v.shape), full[k].numpy().dtype) for k, v in values.items()}))
+                for name, value in values.items():
+                    staged_value = torch.from_numpy(staged[name])
+                    staged_value.copy_(value, non_blocking=self.registered)
+                    values[name] = staged_value
             index = torch.from_numpy(rows)
-            if self.on_gpu:  # into the chunk's output slot (each output after the previous one)
-                size = -(-value.numel() * dest.itemsize // 64) * 64
-                staged = self.outputs.memory[slot * self.outputs.slot_bytes + staged_at:][:value.numel() * dest.itemsize]
-                staged = torch.from_numpy(staged.view(dest.dtype).reshape(tuple(value.shape)))
-                staged_at += size
-                staged.copy_(value, non_blocking=self.registered)
-                value = staged
-            scatters.append((torch.from_numpy(dest), index, value))
+            scatters = [(full[name], index, value) for name, value in values.items()]
+        done = None
+        if self.on_gpu:
+            done = torch.cuda.Event()
+            done.record()
 
         def finish() -> None:
-            if self.on_gpu:
+            if done is not None:
                 done.synchronize()
             for dest, index, value in scatters:
                 dest.index_copy_(0, index, value.to(dest.dtype))
 
-        if not self.on_gpu:
-            finish()
-            return lambda: None
-        done = torch.cuda.Event()
-        done.record()
         return finish
 
     def reply(self, slot: int, outputs: dict[str, Any]) -> tuple:
