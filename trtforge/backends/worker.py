@@ -22,6 +22,7 @@ import numpy as np
 
 from trtforge.backends import backend
 from trtforge.backends.base import BuildJob
+from trtforge.backends.onnxruntime import PACKED_FILE
 from trtforge.compare import compare, function_runner
 from trtforge.recipe import Tolerance
 from trtforge.store import sha256_file
@@ -48,11 +49,12 @@ def load_reference(path: Path, signature: dict[str, Any], policy: dict[str, Any]
                      logits=tuple(policy["logits"]), padded_outputs=tuple(policy["padded_outputs"]))
 
 
-def check(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def check(engine: Any, name: str, spec: dict[str, Any], reference: Any = None) -> dict[str, Any]:
     """Parity against the FP32 reference at min/opt/max, and latency at the opt shape."""
     import torch
 
-    reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
+    if reference is None:
+        reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
     device = engine.device
 
     def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,9 +126,10 @@ def check_packed(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]
     """The padding-free graph: parity against the FP32 reference like any engine, then timed against
     the fused graph on batches with real padding, which decides the batch it is used from."""
     engine.mode = "packed"
+    reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
     try:
-        checked = check(engine, name, spec)
-        padded = spec_feed(spec)
+        checked = check(engine, name, spec, reference)
+        padded = reference.feeds["opt"]  # the checked rows at the opt sequence, with their real padding
         sweep = []
         for rows in sweep_batches(spec["job"]["shapes"]["batch"]):
             feed = {k: np.resize(v, (rows, *v.shape[1:])) for k, v in padded.items()}
@@ -143,18 +146,12 @@ def check_packed(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]
     # From the smallest batch at which packing wins and keeps winning at every larger one.
     from_batch = next((b for b in winning if all(r["packed_ms"] < r["fused_ms"] for r in sweep if r["batch"] >= b)), None)
     passed = checked["parity"]["passed"]
-    return {"status": "passed" if passed else "failed", "file": "model.packed.onnx", "parity": checked["parity"],
+    return {"status": "passed" if passed else "failed", "file": PACKED_FILE, "parity": checked["parity"],
             "latency_ms": checked["latency_ms"], "sweep": sweep,
             "rule": {"from_batch": from_batch if passed else None,
                      "how": "the packed graph serves batches of at least from_batch rows (null: none): the "
                             "smallest batch from which it beat the fused graph's CUDA graphs at every larger "
                             "batch, timed here on the checked opt-sequence rows with their real padding"}}
-
-
-def spec_feed(spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The checked rows at the opt sequence, with the real padding the reference feeds have."""
-    reference = load_reference(Path(spec["reference"]), spec["signature"], spec["policy"])
-    return reference.feeds["opt"]
 
 
 def sweep_batches(batch: list[int]) -> list[int]:

@@ -142,17 +142,14 @@ class Heap(Arena):
     """Shared memory for whole results: a block per request, allocated here (first fit), written by
     the workers in place (each its own rows) and handed to the caller as numpy arrays over it, no
     copy. The block goes back when the last array over it dies (or at once, if the request failed,
-    once no worker still writes into it)."""
+    once no worker still writes into it). Workers map it as a plain Arena (Arena.attach): they only
+    write into blocks the caller allocated."""
 
-    def __init__(self, size: int, *, name: str = "trtforge-results", fd: int | None = None) -> None:
-        super().__init__(size, 1, name=name, fd=fd)
+    def __init__(self, size: int, *, name: str = "trtforge-results") -> None:
+        super().__init__(size, 1, name=name)
         self.lock = threading.Lock()
         self.free_blocks: list[tuple[int, int]] = [(0, self.slot_bytes)]  # (offset, size), sorted
         self.used: dict[int, int] = {}
-
-    @classmethod
-    def attach(cls, handle: tuple[Any, int, int]) -> Arena:
-        return Arena.attach(handle)  # the workers only write into it
 
     def allocate(self, size: int) -> int | None:
         size = _aligned(max(size, 1))
