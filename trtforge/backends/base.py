@@ -68,7 +68,10 @@ class BuildJob:
 
 
 class Engine(ABC):
-    """A loaded engine on one device: call it with named torch tensors on that device."""
+    """A loaded engine on one device: call it with named torch tensors on that device. On a GPU the
+    call may return before the work is done, as a PyTorch op does: outputs are ordered on the
+    device's current stream (read them through stream-ordered operations, `.cpu()`, or after a
+    synchronize)."""
 
     backend: str
     device: str

@@ -15,6 +15,12 @@ batches with real padding: the engine uses it from the smallest batch at which i
 the manifest's `packed` section); smaller batches keep the CUDA graphs, which win on launch cost.
 Decoders (causal attention), vision models and attention ONNX Runtime does not fuse have no twin,
 and the manifest says why.
+
+CUDA runs are asynchronous, like a PyTorch op: ONNX Runtime is told not to synchronize at the end
+of a run (`disable_synchronize_execution_providers`, which CUDA graph replay honours since onnxruntime PR 28686), the
+engine's stream waits on the caller's current stream before the run and the current stream waits on
+the engine's after it, so outputs are ordered on the caller's stream and the host can queue the
+next batch while this one runs.
 """
 
 from __future__ import annotations
@@ -141,6 +147,15 @@ def pack(fused: Any, out: Path) -> dict[str, Any]:
     return {"file": PACKED_FILE, "packed_attention_nodes": packed}
 
 
+def _run_options() -> Any:
+    """No host synchronization at the end of a CUDA run: the outputs are stream-ordered."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return options
+
+
 def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...]] | None = None,
              cuda_graph: bool = False, stream: int | None = None) -> Any:
     import onnxruntime as ort
@@ -192,6 +207,7 @@ class OnnxruntimeEngine(Engine):
         else:
             import torch
 
+            self.run_options = _run_options()
             self.torch_device = torch.device(device)
             with torch.cuda.device(self.torch_device):
                 self.stream = torch.cuda.Stream(self.torch_device)
@@ -254,7 +270,7 @@ class OnnxruntimeEngine(Engine):
         for name, tensor in outputs.items():
             _bind(binding.bind_output, name, tensor, self.torch_device)
         self.stream.wait_stream(torch.cuda.current_stream(self.torch_device))
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self.run_options)
         torch.cuda.current_stream(self.torch_device).wait_stream(self.stream)
         return outputs
 
@@ -294,7 +310,7 @@ class _CudaGraph:
 
         device = self.engine.torch_device
         self.engine.stream.wait_stream(torch.cuda.current_stream(device))
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, self.engine.run_options)
         torch.cuda.current_stream(device).wait_stream(self.engine.stream)
 
     def run(self, feed: Mapping[str, Any]) -> dict[str, Any]:

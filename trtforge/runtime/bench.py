@@ -37,6 +37,7 @@ class BenchConfig:
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
     callers: int = 1  # caller threads submitting at once
+    depth: int = 4  # requests in flight per device (each worker has 4 slots)
     tokenizer: str | None = None  # for models without one (random weights): a directory or package:NAME
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -275,7 +276,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                 runtime.time_breakdown(reset=True)  # start-up and warm-up are not part of it
                 for b in config.batches:
                     per_batch[b] = measure_runtime(runtime, feeds[b], iterations=config.iterations,
-                                                   warmup=config.warmup, depth=2 * n, callers=config.callers)
+                                                   warmup=config.warmup, depth=config.depth * n, callers=config.callers)
                     per_batch[b]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)  # the pipelined run
                     per_batch[b]["single"] = single_latency(runtime, feeds[b], iterations=max(20, config.iterations // 4))
                     per_batch[b]["single"]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)
@@ -389,7 +390,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# trtforge bench: {report['name']}", "",
              f"{report['date']}; devices {', '.join(report['host']['gpus']) or str(report['host']['cpu_workers']) + ' CPU workers'}; "
              f"sequence {config['sequence']}; {config['iterations']} iterations after {config['warmup']} warm-up; "
-             f"outputs to {config['outputs']}; {config.get('callers', 1)} caller thread(s); inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
+             f"outputs to {config['outputs']}; {config.get('callers', 1)} caller thread(s), "
+             f"{config.get('depth', 2)} request(s) in flight per device; inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
              f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
              f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
              "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
@@ -421,7 +423,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "overhead" in row:
                 lines.append(f"| {b} | {row['single']['p50_ms']:.3f} | {row['engine']['p50_ms']:.3f} | "
                              f"{row['overhead']['ms']:.3f} | {row['overhead']['percent']:.1f} |")
-    phases = ("enqueue_ms", "queue_ms", "inputs_ms", "engine_ms", "outputs_ms", "return_ms")
+    phases = ("enqueue_ms", "queue_ms", "inputs_ms", "launch_ms", "engine_ms", "outputs_ms", "return_ms")
     lines += ["", "## Where the time goes (runtime, pipelined; median ms per chunk)", "",
               "| devices | batch | " + " | ".join(p[:-3] for p in phases) + " |", "|---|---|" + "---|" * len(phases)]
     for n, per_batch in sorted(r["runtime"].items(), key=lambda kv: int(kv[0])):

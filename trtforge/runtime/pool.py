@@ -389,8 +389,10 @@ class Runtime:
     def time_breakdown(self, *, reset: bool = False) -> dict[str, float]:
         """Median milliseconds per chunk since the start (or the last reset), by phase: enqueue (the
         caller splits the request, waits for a free slot and writes the inputs into it), queue (the
-        descriptor's trip to the worker), inputs (to the device), engine, outputs (back to the host,
-        into the caller's slot), return (the descriptor's trip back); for text requests, worker
+        descriptor's trip to the worker), inputs and launch (the worker's host time to queue the
+        copies to the device and the engine), engine (on a GPU, the device's own time for the
+        engine), outputs (from the engine's end to the results where the caller reads them: copies
+        back and the host's scatter), return (the descriptor's trip back); for text requests, worker
         (chunks and pooling; tokenization is done while the previous chunk runs)."""
         import statistics
 

@@ -4,8 +4,10 @@ Tensors travel in shared memory (runtime/shm.py): the caller writes a chunk's in
 the worker's input arena; the worker writes host outputs into the request's block of the caller's
 results heap (or, where the caller had no room there, into the same slot of its output arena), and
 only descriptors cross the pipes. A reader thread takes messages off the pipe (and tokenizes text
-requests there, so that tokenization overlaps the engine); the main thread runs the engine; a writer
-thread finishes deliveries to the heap while the engine runs the next chunk.
+requests there, so that tokenization overlaps the engine); the main thread queues each chunk's work
+on the GPU (copies in, engine, copies out on a stream of their own) without waiting for it; a writer
+thread waits for each chunk in turn, finishes it on the host and answers, while the GPU runs the
+next.
 
 Messages in (its own pipe): ("run", request_id, chunk, slot, layout, target) | ("encode", request_id,
 chunk, slot, layout of the texts, None) | None to stop; target: (block, layout, span) of the
@@ -80,7 +82,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
                 timings["worker_ms"] = 1e3 * (time.monotonic() - received)
             else:
                 result = io.serve(engine, slot, payload, outputs_on, timings, target)
-            if callable(result):  # its copies are queued on the GPU: the writer finishes, the engine goes on
+            if callable(result):  # queued on the GPU: the writer waits for it and answers, the engine goes on
                 answers.later(request_id, chunk, result, timings)
             else:
                 answers.result(request_id, chunk, result, timings)
@@ -98,9 +100,9 @@ WORKER_THREADS = 4
 
 
 class _Answers:
-    """The worker's answers, from the main thread or from the writer thread, which finishes
-    deliveries whose copies the main thread has queued on the GPU (waiting for them, then scattering
-    the rows), so that the engine runs the next chunk meanwhile."""
+    """The worker's answers, from the main thread or from the writer thread, which finishes the
+    chunks the main thread has queued on the GPU (waiting for each, then scattering its rows where
+    needed), so that the GPU runs the next chunk meanwhile."""
 
     def __init__(self, index: int, responses: Any, device: str) -> None:
         self.index, self.responses, self.device = index, responses, device
@@ -178,6 +180,10 @@ class _DataPath:
         self.on_gpu = device != "cpu"
         self.staging = _Staging()
         self.sequence_outputs: set[str] = set()
+        if self.on_gpu:
+            import torch
+
+            self.copies = torch.cuda.Stream()  # copies back to the host, beside the next chunk's engine
         self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs, heap) if a is not None)
 
     def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
@@ -185,9 +191,14 @@ class _DataPath:
         return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()})
 
     def serve(self, engine: Any, slot: int, layout: Any, outputs_on: str, timings: dict[str, float],
-              target: Any = None) -> tuple:
-        """One chunk from its input slot through the engine; `timings` gets the milliseconds of inputs
-        (to the device), engine (to its last kernel, where outputs go to the host anyway) and outputs."""
+              target: Any = None) -> Any:
+        """One chunk from its input slot through the engine. On a GPU the work is only queued here
+        (copies in, engine, copies out on a stream of their own, so that they overlap the next
+        chunk's engine) and a function is returned that waits for it, finishes on the host and gives
+        the answer (the writer thread calls it); on the CPU, the answer. `timings` gets milliseconds
+        of inputs and launch (the host's time to queue the copies in and the engine), engine (on a
+        GPU, the device's time from the engine's start to its end) and outputs (to the outputs'
+        arrival where the caller reads them, host work included)."""
         import torch
 
         start = time.monotonic()
@@ -200,34 +211,52 @@ class _DataPath:
         else:
             feed = {name: self.staging.to_device(name, view, self.device) for name, view in views.items()}
         inputs_done = time.monotonic()
+        began = self._mark()
         outputs = engine(feed)
-        on_device = outputs_on == "device" and self.on_gpu
-        if self.on_gpu and not on_device:
-            torch.cuda.current_stream().synchronize()  # the copy back would wait here anyway
-        engine_done = time.monotonic()
-        timings.update(inputs_ms=1e3 * (inputs_done - start), engine_ms=1e3 * (engine_done - inputs_done))
-        if on_device:
-            result: Any = ("inline", {k: v.contiguous() for k, v in outputs.items()})  # shared by CUDA IPC
+        ended = self._mark()
+        launched = time.monotonic()
+        timings.update(inputs_ms=1e3 * (inputs_done - start), launch_ms=1e3 * (launched - inputs_done))
+        if outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
+            shared = {k: v.contiguous() for k, v in outputs.items()}
+            ready, after = self._mark(), lambda: ("inline", shared)
         elif target is not None:
-            finish = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
-
-            def delivered() -> tuple:
-                finish()
-                timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
-                return "heap", None
-
-            return delivered if self.on_gpu else delivered()
+            ready, scatter = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
+            after = lambda: (scatter(), ("heap", None))[1]  # noqa: E731
         else:
-            result = self.reply(slot, outputs)
-        timings["outputs_ms"] = 1e3 * (time.monotonic() - engine_done)
-        return result
+            ready, after = ended, lambda: self.reply(slot, outputs)
 
-    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> Any:
+        def finish() -> tuple:
+            if ready is not None:
+                ready.synchronize()
+            waited = time.monotonic()
+            result = after()
+            host_ms = 1e3 * (time.monotonic() - waited)
+            if self.on_gpu:
+                timings.update(engine_ms=began.elapsed_time(ended), outputs_ms=ended.elapsed_time(ready) + host_ms)
+            else:
+                timings.update(engine_ms=timings.pop("launch_ms"), outputs_ms=host_ms)
+            return result
+
+        return finish if self.on_gpu else finish()
+
+    def _mark(self) -> Any:
+        """A timing event recorded on the current stream (None on the CPU)."""
+        if not self.on_gpu:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
         sequence axis padded back to the request's length (on the device), then straight into the
         block where the chunk's rows are contiguous, else through the chunk's output slot and one
-        scatter of its rows. The copies are only queued here: the returned function waits for them
-        and scatters (on a GPU, the writer thread calls it)."""
+        scatter of its rows. On a GPU the copies are only queued, on the copy stream: returns the
+        event they record (None on the CPU) and the scatter left for the host once it has fired."""
+        import contextlib
+
         import torch
 
         block, layout, span = target
@@ -241,32 +270,32 @@ class _DataPath:
                     pad = [0, 0] * (value.ndim - 2) + [0, dest.shape[1] - value.shape[1]]
                     value = torch.nn.functional.pad(value, pad)
             values[name] = value
-        scatters = []
-        if span is not None:  # rows start..stop of the result
-            for name, value in values.items():
-                full[name][span[0]:span[1]].copy_(value, non_blocking=self.registered)
-        else:
-            if self.on_gpu:  # to the host first, into the chunk's output slot
-                staged = self.outputs.views(slot, self.outputs.layout(
-                    {k: (tuple(v.shape), full[k].numpy().dtype) for k, v in values.items()}))
-                for name, value in values.items():
-                    staged_value = torch.from_numpy(staged[name])
-                    staged_value.copy_(value, non_blocking=self.registered)
-                    values[name] = staged_value
-            index = torch.from_numpy(rows)
-            scatters = [(full[name], index, value) for name, value in values.items()]
-        done = None
         if self.on_gpu:
-            done = torch.cuda.Event()
-            done.record()
+            self.copies.wait_stream(torch.cuda.current_stream())
+            for value in values.values():
+                value.record_stream(self.copies)  # not reused before the copy stream has read it
+        scatters = []
+        with torch.cuda.stream(self.copies) if self.on_gpu else contextlib.nullcontext():
+            if span is not None:  # rows start..stop of the result
+                for name, value in values.items():
+                    full[name][span[0]:span[1]].copy_(value, non_blocking=self.registered)
+            else:
+                if self.on_gpu:  # to the host first, into the chunk's output slot
+                    staged = self.outputs.views(slot, self.outputs.layout(
+                        {k: (tuple(v.shape), full[k].numpy().dtype) for k, v in values.items()}))
+                    for name, value in values.items():
+                        staged_value = torch.from_numpy(staged[name])
+                        staged_value.copy_(value, non_blocking=self.registered)
+                        values[name] = staged_value
+                index = torch.from_numpy(rows)
+                scatters = [(full[name], index, value) for name, value in values.items()]
+            done = self._mark()
 
-        def finish() -> None:
-            if done is not None:
-                done.synchronize()
+        def scatter() -> None:
             for dest, index, value in scatters:
                 dest.index_copy_(0, index, value.to(dest.dtype))
 
-        return finish
+        return done, scatter
 
     def reply(self, slot: int, outputs: dict[str, Any]) -> tuple:
         """Host outputs into the caller's output slot (or inline, where they do not fit it)."""
@@ -384,11 +413,12 @@ class TextEncoder:
 
 class _Staging:
     """Pinned host buffers, kept per tensor name and reused while the shape fits: allocating pinned
-    memory costs more than the copy itself, so it is done once, not per request. Safe to reuse
-    because each chunk's results are back on the host before the next chunk starts."""
+    memory costs more than the copy itself, so it is done once, not per request. An input buffer is
+    refilled only once the copy that last read it has fired its event (runs are asynchronous)."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, str], Any] = {}
+        self.read: dict[str, Any] = {}  # input name -> event of the last copy out of its buffer
 
     def _buffer(self, key: tuple[str, str], shape: tuple[int, ...], dtype: Any) -> Any:
         import torch
@@ -408,9 +438,14 @@ class _Staging:
         tensor = torch.from_numpy(array)
         if device == "cpu":
             return tensor
+        if name in self.read:
+            self.read.pop(name).synchronize()
         pinned = self._buffer(("in", name), tuple(tensor.shape), tensor.dtype)
         pinned.copy_(tensor)
-        return pinned.to(device, non_blocking=True)
+        on_device = pinned.to(device, non_blocking=True)
+        self.read[name] = torch.cuda.Event()
+        self.read[name].record()
+        return on_device
 
     def to_host(self, name: str, tensor: Any) -> Any:
         import torch
