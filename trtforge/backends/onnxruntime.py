@@ -165,6 +165,10 @@ def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...
     if device == "cpu":
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's wheels carry
+    # Kernels are launched from the calling thread; a pool of spinning CPU threads per session (one
+    # session per captured shape, one set per GPU worker) would only take cores from the host work.
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     cuda = {"device_id": int(device.split(":")[1]) if ":" in device else 0}
     if stream is not None:
         cuda["user_compute_stream"] = str(stream)

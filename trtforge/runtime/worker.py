@@ -147,7 +147,12 @@ class _Answers:
 
 
 def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEncoder | None) -> None:
-    """Messages off the pipe into the inbox; text is tokenized here, while the engine runs."""
+    """Messages off the pipe into the inbox, each chunk made ready here while the engine runs the
+    one before: inputs queued for copy to the device, or text tokenized."""
+    if io.on_gpu:
+        import torch
+
+        torch.cuda.set_device(io.device)  # (per thread)
     while True:
         try:
             message = requests.recv()
@@ -158,14 +163,15 @@ def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEnco
             return
         kind, request_id, chunk, slot, layout, target = message
         received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
-        payload: Any = layout
-        if kind == "encode":
-            try:
+        try:
+            if kind == "encode":
                 if text is None:
                     raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
-                payload = text.prepare(io.inputs.read_texts(slot, layout))
-            except Exception as e:
-                payload = e
+                payload: Any = text.prepare(io.inputs.read_texts(slot, layout))
+            else:
+                payload = io.prepare(slot, layout)
+        except Exception as e:
+            payload = e
         inbox.put((kind, request_id, chunk, slot, payload, target, received))
 
 
@@ -178,7 +184,8 @@ class _DataPath:
     def __init__(self, device: str, inputs: Arena, outputs: Arena, heap: Arena | None) -> None:
         self.device, self.inputs, self.outputs, self.heap = device, inputs, outputs, heap
         self.on_gpu = device != "cpu"
-        self.staging = _Staging()
+        self.staging = _Staging()  # the main thread's (text)
+        self.reader_staging = _Staging()  # the reader's (inputs, where the slots are not registered)
         self.sequence_outputs: set[str] = set()
         if self.on_gpu:
             import torch
@@ -190,32 +197,38 @@ class _DataPath:
         """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
         return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()})
 
-    def serve(self, engine: Any, slot: int, layout: Any, outputs_on: str, timings: dict[str, float],
-              target: Any = None) -> Any:
-        """One chunk from its input slot through the engine. On a GPU the work is only queued here
-        (copies in, engine, copies out on a stream of their own, so that they overlap the next
-        chunk's engine) and a function is returned that waits for it, finishes on the host and gives
-        the answer (the writer thread calls it); on the CPU, the answer. `timings` gets milliseconds
-        of inputs and launch (the host's time to queue the copies in and the engine), engine (on a
-        GPU, the device's time from the engine's start to its end) and outputs (to the outputs'
-        arrival where the caller reads them, host work included)."""
+    def prepare(self, slot: int, layout: Any) -> tuple[dict[str, Any], Any, float]:
+        """A chunk's inputs as the engine takes them (on a GPU, their copies to the device queued
+        straight from the registered slot, else through the reader's own staging buffers), where its
+        rows go in the request's result, and the milliseconds it took."""
         import torch
 
         start = time.monotonic()
         views = self.inputs.views(slot, layout)
-        rows = views.pop("__rows__", None)  # where this chunk's rows go in the request's result
+        rows = views.pop("__rows__", None)
         if not self.on_gpu:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
         elif self.registered:
             feed = {name: torch.from_numpy(view).to(self.device, non_blocking=True) for name, view in views.items()}
         else:
-            feed = {name: self.staging.to_device(name, view, self.device) for name, view in views.items()}
-        inputs_done = time.monotonic()
+            feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
+        return feed, rows, 1e3 * (time.monotonic() - start)
+
+    def serve(self, engine: Any, slot: int, prepared: tuple, outputs_on: str, timings: dict[str, float],
+              target: Any = None) -> Any:
+        """One prepared chunk through the engine. On a GPU the work is only queued here (the engine,
+        then the copies out on a stream of their own, so that they overlap the next chunk's engine)
+        and a function is returned that waits for it, finishes on the host and gives the answer (the
+        writer thread calls it); on the CPU, the answer. `timings` gets milliseconds of inputs and
+        launch (the host's time to queue the copies in, in the reader, and the engine), engine (on a
+        GPU, the device's time from the engine's start to its end) and outputs (to the outputs'
+        arrival where the caller reads them, host work included)."""
+        feed, rows, timings["inputs_ms"] = prepared
+        start = time.monotonic()
         began = self._mark()
         outputs = engine(feed)
         ended = self._mark()
-        launched = time.monotonic()
-        timings.update(inputs_ms=1e3 * (inputs_done - start), launch_ms=1e3 * (launched - inputs_done))
+        timings["launch_ms"] = 1e3 * (time.monotonic() - start)
         if outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
             shared = {k: v.contiguous() for k, v in outputs.items()}
             ready, after = self._mark(), lambda: ("inline", shared)
