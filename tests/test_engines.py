@@ -231,3 +231,20 @@ def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_at
 
     assert [name for name, _, _ in io(packed)] == [name for name, _, _ in io(fused)]
     assert [t for _, t, _ in io(packed)] == [t for _, t, _ in io(fused)]  # a drop-in: same names and types
+
+
+def test_the_packed_graph_serves_only_chunks_as_large_as_where_it_was_measured_to_win():
+    """Length-aware batching leaves little padding in small chunks, where the fused graph's CUDA
+    graphs win: the packed graph serves from the rule's batch and padded size (rows x width) on;
+    manifests without from_tokens take from_batch times the sweep's sequence."""
+    from trtforge.backends.onnxruntime import packed_rule, packed_serves
+
+    sweep = [{"batch": b, "sequence": 128} for b in (16, 32, 64, 128)]
+    rule = packed_rule({"rule": {"from_batch": 32}, "sweep": sweep})
+    assert rule == {"from_batch": 32, "from_tokens": 4096}
+    assert packed_serves(128, 64, rule) and packed_serves(32, 128, rule)
+    assert not packed_serves(32, 64, rule)  # a short-text chunk: the fused graph
+    assert not packed_serves(16, 256, rule)  # below the batch it was measured to win from
+    assert packed_rule({"rule": {"from_batch": 32, "from_tokens": 2048}, "sweep": sweep})["from_tokens"] == 2048
+    assert packed_rule({"rule": {"from_batch": None}, "sweep": sweep}) is None
+    assert not packed_serves(128, 128, None)

@@ -120,7 +120,9 @@ def _packed_twin_is_checked_and_agrees(artifact: Path, entry: dict, output: str)
     packed = entry["packed"]
     assert packed["status"] == "passed" and packed["parity"]["passed"], packed
     assert packed["sweep"] and all(r["fused_ms"] > 0 and r["packed_ms"] > 0 for r in packed["sweep"])
-    assert packed["rule"]["from_batch"] is None or packed["rule"]["from_batch"] in [r["batch"] for r in packed["sweep"]]
+    rule = packed["rule"]
+    assert rule["from_batch"] is None or rule["from_batch"] in [r["batch"] for r in packed["sweep"]]
+    assert rule["from_tokens"] == (rule["from_batch"] * packed["sweep"][0]["sequence"] if rule["from_batch"] else None)
     assert (artifact / entry["dir"] / "model.packed.onnx").is_file()
     engine = trtforge.load(artifact, "cuda:0")
     ids = torch.randint(1000, 20000, (32, 96), device="cuda")

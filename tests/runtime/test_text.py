@@ -9,7 +9,7 @@ from tests.conftest import minilm_available, minilm_sentence_embeddings, tiny_re
 from trtforge.errors import ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
-from trtforge.runtime import Runtime
+from trtforge.runtime import Runtime, pool
 from trtforge.runtime.batching import buckets
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -42,13 +42,16 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     feed = padded_feed(lengths, 32)
     with Runtime(encoder, devices=2, batching="length") as length_aware, \
             Runtime(encoder, devices=2, batching="fixed") as fixed:
-        groups = length_aware._groups(len(lengths), 2, np.array(lengths))
+        groups = pool.groups(len(lengths), 2, np.array(lengths), length_aware.profile)
+        shapes = pool.chunk_shapes(feed, length_aware.profile, 2)
         got, want = length_aware.run(feed)["last_hidden_state"], fixed.run(feed)["last_hidden_state"]
     # Groups: every row once, sorted by length, each cut to its longest rounded up to a bucket.
     rows = np.concatenate([g for g, _ in groups])
     assert sorted(rows.tolist()) == list(range(len(lengths)))
     assert [np.array(lengths)[g].tolist() for g, _ in groups] == [[1, 2, 3, 4, 5, 8, 9], [12, 17, 25, 30, 31, 32]]
     assert [cut for _, cut in groups] == [16, 32] and buckets(1, 32) == [8, 16, 24, 32]
+    assert shapes == [(6, 32), (7, 16)]  # what a runtime serving such requests warms
+    assert pool.chunk_shapes(feed, length_aware.profile, 2, "fixed") == [(6, 32), (7, 32)]
     assert buckets(1, 128) == list(range(8, 129, 8)) and buckets(1, 256) == list(range(16, 257, 16))  # <= 16
     # Results in input order and in the request's shape; real positions as the padded call gives
     # them, padded positions zero.

@@ -94,7 +94,24 @@ class OnnxruntimeBackend(Backend):
         return OnnxruntimeEngine(engine_dir / self.engine_file, device=device, outputs=entry["io"]["outputs"],
                                  cuda_graph=bool(entry.get("options", {}).get("cuda_graph", False)),
                                  packed=engine_dir / PACKED_FILE if usable or packed.get("status") == "unchecked" else None,
-                                 packed_from_batch=(packed.get("rule") or {}).get("from_batch") if usable else None)
+                                 packed_rule=packed_rule(packed) if usable else None)
+
+
+def packed_rule(packed: dict[str, Any]) -> dict[str, int] | None:
+    """When the packed graph serves, from the manifest's `packed` section: at least `from_batch` rows
+    and at least `from_tokens` padded tokens (rows x width), the size at which it was measured to
+    win; smaller chunks (length-aware batching leaves little padding to remove) keep the fused graph,
+    whose CUDA graphs win on launch cost. Manifests written before `from_tokens` existed: from_batch
+    times the sweep's sequence."""
+    rule = packed.get("rule") or {}
+    if rule.get("from_batch") is None:
+        return None
+    sequence = max(row["sequence"] for row in packed.get("sweep") or [{"sequence": 1}])
+    return {"from_batch": rule["from_batch"], "from_tokens": rule.get("from_tokens") or rule["from_batch"] * sequence}
+
+
+def packed_serves(rows: int, width: int, rule: dict[str, int] | None) -> bool:
+    return rule is not None and rows >= rule["from_batch"] and rows * width >= rule["from_tokens"]
 
 
 def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
@@ -195,17 +212,17 @@ def _with_static_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> bytes
 
 
 class OnnxruntimeEngine(Engine):
-    """`mode`: "auto" (the packed graph from `packed_from_batch` rows on, where there is one), or
+    """`mode`: "auto" (the packed graph where `packed_rule` says it serves: see packed_rule), or
     "fused" / "packed" to force one graph (what the check and the benchmarks do)."""
 
     def __init__(self, path: Path, *, device: str, outputs: list[dict[str, Any]], cuda_graph: bool,
-                 packed: Path | None = None, packed_from_batch: int | None = None) -> None:
+                 packed: Path | None = None, packed_rule: dict[str, int] | None = None) -> None:
         self.path, self.device, self.outputs = path, device, outputs
         self.backend = "onnxruntime-cpu" if device == "cpu" else "onnxruntime-cuda"
         self.cuda_graph = cuda_graph and device != "cpu"
         self.graphs: dict[tuple, Any] = {}
         self.graph_failures: dict[tuple, str] = {}
-        self.packed_session, self.packed_from_batch, self.mode = None, packed_from_batch, "auto"
+        self.packed_session, self.packed_rule, self.mode = None, packed_rule, "auto"
         if device == "cpu":
             self.session = _session(path, device="cpu")
         else:
@@ -225,8 +242,8 @@ class OnnxruntimeEngine(Engine):
             return False
         if self.mode == "packed":
             return True
-        rows = feed[self.input_names[0]].shape[0]
-        return self.packed_from_batch is not None and rows >= self.packed_from_batch
+        first = feed[self.input_names[0]]
+        return packed_serves(first.shape[0], first.shape[1] if first.ndim > 1 else 1, self.packed_rule)
 
     def output_shape(self, spec: dict[str, Any], sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])

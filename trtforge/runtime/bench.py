@@ -232,7 +232,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
 
     from trtforge.models import load_model
     from trtforge.runtime.baselines import run_compiled, run_data_parallel, run_ddp
-    from trtforge.runtime.pool import Runtime
+    from trtforge.runtime.pool import Runtime, chunk_shapes
     from trtforge.store import read_manifest
 
     on_gpu = config.cpu_workers == 0
@@ -243,6 +243,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
         raise CompatibilityError("no GPU on this machine; run with --cpu N to bench CPU engines")
     counts = config.device_counts or tuple(range(1, available + 1))
     manifest = read_manifest(artifact)
+    profile = {axis: tuple(r) for axis, r in manifest["shapes"].items()}
     from trtforge.loader import select  # an engine for these devices, or a refusal before any work
 
     select(manifest, None if not on_gpu else _gpu0(), backend_name=config.backend, device="cpu" if not on_gpu else "cuda:0")
@@ -256,7 +257,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
     tokenize_s = None
     sources: dict[int, dict[str, Any]] = {}
     results: dict[str, Any] = {"runtime": {}, "ddp": {}, "ddp-sorted": {}, "dataparallel": {}, "compile": {}, "parity": {},
-                               "parity-sorted": {}}
+                               "parity-sorted": {}, "startup": {}}
     for n in counts:
         feeds = {}
         for b in config.batches:
@@ -270,9 +271,15 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
 
         parity_feed = make_inputs(loaded, min(config.batches[-1], recipe.shapes.batch[2]) * n, config.sequence, seed=7)
         with progress.stage("runtime", f"{n} device(s)") as outcome:
+            # Every shape the engines will run, set up on every worker before timing (CUDA graphs are
+            # captured per shape, and a request may go to any worker).
+            batching = "length" if config.outputs == "host" else "fixed"
+            warm = sorted({shape for feed in [*feeds.values(), parity_feed]
+                           for shape in chunk_shapes(feed, profile, n, batching)})
             with Runtime(artifact, devices=list(range(n)) if on_gpu else n, backend=config.backend, outputs=config.outputs,
-                         timeout_s=600) as runtime:
+                         warm=warm, timeout_s=600) as runtime:
                 per_batch = {}
+                results["startup"][n] = {"seconds": runtime.startup_s, "warmed_shapes": len(warm)}
                 runtime.time_breakdown(reset=True)  # start-up and warm-up are not part of it
                 for b in config.batches:
                     per_batch[b] = measure_runtime(runtime, feeds[b], iterations=config.iterations,
@@ -394,6 +401,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{config.get('depth', 2)} request(s) in flight per device; inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
              f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
              f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
+             "", "Runtime start-up (load, then every chunk shape of these requests set up on every worker): "
+             + ", ".join(f"{v['seconds']:.1f} s on {n} device(s) ({v['warmed_shapes']} shapes)"
+                         for n, v in r.get("startup", {}).items()) + ".",
              "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
              "| contender | devices | per-device batch | throughput | per device | p50 | p90 | p99 | one-at-a-time p50 |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -144,7 +144,7 @@ class Runtime:
         lengths = real_lengths(arrays) if self.batching == "length" else None
         request_id = next(self._ids)
         chunks = [Chunk(request_id, i, index, length)
-                  for i, (index, length) in enumerate(self._groups(rows, len(live), lengths))]
+                  for i, (index, length) in enumerate(groups(rows, len(live), lengths, self.profile))]
         request = Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
         sequence = [v.shape[1] for k, v in arrays.items() if k in self.sequence_inputs and v.ndim > 1]
         request.length = sequence[0] if sequence else 0
@@ -181,23 +181,6 @@ class Runtime:
         if not live:
             raise WorkerDied("every worker has exited; create a new Runtime")
         return live
-
-    def _groups(self, rows: int, workers: int, lengths: np.ndarray | None) -> list[tuple[Any, int | None]]:
-        """Chunks of the request as (rows, sequence length to cut to): at most the profile's max batch,
-        at least its min (so every chunk fits a profile a single engine accepts), spread over the
-        workers; rows sorted by length and each chunk cut to its longest (bucketed) where `lengths`."""
-        lo_batch = self.profile["batch"][0]
-        count = max(math.ceil(rows / self.max_batch), min(workers, max(1, rows // lo_batch)))
-        order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(rows)
-        groups: list[tuple[Any, int | None]] = []
-        start = 0
-        for part in np.array_split(order, count):
-            if lengths is None:  # contiguous rows, kept at the request's length
-                groups.append((slice(start, start + len(part)), None))
-                start += len(part)
-            else:
-                groups.append((part, bucket_for(int(lengths[part].max()), self.profile["sequence"])))
-        return groups
 
     def submit_text(self, texts: Sequence[str]) -> Future:
         """Send strings; the workers tokenize them (in parallel, with the artifact's tokenizer and its
@@ -480,6 +463,38 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def groups(rows: int, workers: int, lengths: np.ndarray | None,
+           profile: Mapping[str, tuple[int, int, int]]) -> list[tuple[Any, int | None]]:
+    """Chunks of a request as (rows, sequence length to cut to): at most the profile's max batch, at
+    least its min (so every chunk fits a profile a single engine accepts), spread over the workers;
+    rows sorted by length and each chunk cut to its longest (bucketed) where `lengths`."""
+    lo_batch, _, max_batch = profile["batch"]
+    count = max(math.ceil(rows / max_batch), min(workers, max(1, rows // lo_batch)))
+    order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(rows)
+    result: list[tuple[Any, int | None]] = []
+    start = 0
+    for part in np.array_split(order, count):
+        if lengths is None:  # contiguous rows, kept at the request's length
+            result.append((slice(start, start + len(part)), None))
+            start += len(part)
+        else:
+            result.append((part, bucket_for(int(lengths[part].max()), profile["sequence"])))
+    return result
+
+
+def chunk_shapes(arrays: Mapping[str, np.ndarray], profile: Mapping[str, tuple[int, int, int]], workers: int,
+                 batching: str = "length") -> list[tuple[int, int]]:
+    """The (rows, sequence) shapes a request is run at on `workers` workers (see groups)."""
+    rows = len(next(iter(arrays.values())))
+    width = next((v.shape[1] for v in arrays.values() if v.ndim > 1), 1)
+    lengths = real_lengths(arrays) if batching == "length" else None
+    shapes = []
+    for part, length in groups(rows, workers, lengths, profile):
+        count = len(range(rows)[part]) if isinstance(part, slice) else len(part)
+        shapes.append((count, length if length is not None else width))
+    return sorted(set(shapes))
 
 
 def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
         io = _DataPath(device, *(Arena.attach(a) if a is not None else None for a in arenas))
         io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
-            engine({spec["name"]: io.staging.to_device(spec["name"], _zeros(spec, batch, length), device)
+            engine({spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
                     for spec in engine.inputs})
         if device != "cpu":
             torch.cuda.synchronize()
@@ -354,11 +354,12 @@ def _numpy_dtype(value: Any) -> Any:
     return np.asarray(value).dtype
 
 
-def _zeros(spec: dict[str, Any], batch: int, length: int) -> Any:
+def _warm_input(spec: dict[str, Any], batch: int, length: int) -> Any:
+    """Zeros of the input's shape at (batch, length), every token real (a packed graph needs some)."""
     import numpy as np
 
     shape = [batch if d == "batch" else length if d in ("sequence", "image") else d for d in spec["shape"]]
-    return np.zeros(shape, dtype=spec["dtype"])
+    return (np.ones if spec["name"] == "attention_mask" else np.zeros)(shape, dtype=spec["dtype"])
 
 
 class TextEncoder:
