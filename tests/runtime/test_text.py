@@ -102,3 +102,26 @@ def test_text_in_embeddings_out_match_sentence_transformers_pooling(tmp_path):
     assert embedded.shape == (18, 384)
     cosine = (embedded * expected).sum(axis=1)
     assert cosine.min() > 0.9999 and np.abs(embedded - expected).max() < 5e-3, (cosine.min(), np.abs(embedded - expected).max())
+
+
+def test_a_request_narrower_than_its_bucket_is_padded_to_it_and_cut_back(encoder):
+    """Engines only meet bucket widths (one CUDA graph each, all warmable): a request padded to its
+    own longest row (20 tokens, between the buckets 16 and 24) runs at 24 and comes back at 20, equal
+    to the padded call, whether the results are written into the heap or copied (heap full)."""
+    lengths = [20, 3, 11, 19, 7, 2]
+    feed = padded_feed(lengths, 20)
+    with Runtime(encoder, devices=1, batching="length") as length_aware, \
+            Runtime(encoder, devices=1, batching="fixed") as fixed:
+        assert pool.chunk_shapes(feed, length_aware.profile, 1) == [(6, 24)]
+        sent = length_aware._slice(feed, pool.Chunk(0, 0, np.arange(6), 24))  # what the worker's slot gets
+        assert {v.shape for v in sent.values()} == {(6, 24)} and not sent["attention_mask"][:, 20:].any()
+        want = fixed.run(feed)["last_hidden_state"]
+        in_heap = length_aware.run(feed)["last_hidden_state"]
+        held = [length_aware.run(feed)["last_hidden_state"] for _ in range(2 * length_aware._heap.size // in_heap.nbytes)]
+        copied = length_aware.run(feed)["last_hidden_state"]  # the heap is full of held results
+        assert copied.base is None or copied.base.base is None  # not an array over the heap
+    mask = feed["attention_mask"].astype(bool)
+    for got in (in_heap, copied, held[-1]):
+        assert got.shape == want.shape == (6, 20, 32)
+        np.testing.assert_allclose(got[mask], want[mask], atol=2e-3, rtol=1e-3)
+        assert not got[~mask].any()

@@ -265,9 +265,12 @@ class Runtime:
             pass  # the worker has exited: its receiver fails what it held, this chunk included
 
     def _slice(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
+        """The chunk's rows; with length-aware batching, sequence inputs at exactly the chunk's
+        bucket: cut, or padded with zeros (masked) where the request is narrower than its bucket, so
+        that engines only ever meet bucket widths (one CUDA graph each, all warmed ahead)."""
         if chunk.length is None:
             return {k: v[chunk.rows] for k, v in arrays.items()}
-        return {k: v[chunk.rows, :chunk.length] if k in self.sequence_inputs else v[chunk.rows]
+        return {k: _to_width(v[chunk.rows], chunk.length) if k in self.sequence_inputs else v[chunk.rows]
                 for k, v in arrays.items()}
 
     # --- results --------------------------------------------------------------------------------------
@@ -318,7 +321,9 @@ class Runtime:
                     request.results = self._allocate(request, outputs)
             rows = request.chunks[chunk].rows
             for name, part in outputs.items():
-                request.results[name][(rows, *(slice(0, n) for n in part.shape[1:]))] = part
+                full = request.results[name]
+                within = tuple(slice(0, min(n, m)) for n, m in zip(part.shape[1:], full.shape[1:]))
+                full[(rows, *within)] = part[(slice(None), *within)]
         with self._lock:
             request.done += 1
             complete = request.done == len(request.chunks) and self._requests.pop(request.chunks[0].request_id, None)
@@ -495,6 +500,12 @@ def chunk_shapes(arrays: Mapping[str, np.ndarray], profile: Mapping[str, tuple[i
         count = len(range(rows)[part]) if isinstance(part, slice) else len(part)
         shapes.append((count, length if length is not None else width))
     return sorted(set(shapes))
+
+
+def _to_width(array: np.ndarray, width: int) -> np.ndarray:
+    if array.shape[1] >= width:
+        return array[:, :width]
+    return np.pad(array, [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2))
 
 
 def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

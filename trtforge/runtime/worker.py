@@ -264,7 +264,7 @@ class _DataPath:
 
     def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
-        sequence axis padded back to the request's length (on the device), then straight into the
+        sequence axis padded or cut back to the request's length (on the device), then straight into the
         block where the chunk's rows are contiguous, else through the chunk's output slot and one
         scatter of its rows. On a GPU the copies are only queued, on the copy stream: returns the
         event they record (None on the CPU) and the scatter left for the host once it has fired."""
@@ -282,6 +282,7 @@ class _DataPath:
                 if value.shape[1] < dest.shape[1]:
                     pad = [0, 0] * (value.ndim - 2) + [0, dest.shape[1] - value.shape[1]]
                     value = torch.nn.functional.pad(value, pad)
+                value = value[:, :dest.shape[1]]  # a chunk padded past the request's width to its bucket
             values[name] = value
         if self.on_gpu:
             self.copies.wait_stream(torch.cuda.current_stream())
