@@ -251,3 +251,14 @@ def test_chunks_at_the_profiles_largest_shape_with_scattered_rows_fit_their_slot
     with Runtime(artifact, devices=1, timeout_s=30) as rt:
         got = rt.run(batch)["logits"]
     np.testing.assert_allclose(got, single_process(artifact, batch), rtol=1e-3, atol=1e-3)
+
+
+def test_a_chunks_rows_are_copied_in_runs_of_consecutive_result_rows():
+    """Where a chunk's rows fall in few runs of consecutive rows of the result (one run when the chunk
+    holds its whole request), the worker copies each run straight into the result block; the runs
+    are (start, stop, first row of the chunk, rows sorted)."""
+    from trtforge.runtime.worker import _runs
+
+    assert _runs(np.array([0, 1, 2, 3])) == [(0, 4, 0)]
+    assert _runs(np.array([2, 3, 7, 8, 9, 12])) == [(2, 4, 0), (7, 10, 2), (12, 13, 5)]
+    assert _runs(np.array([5])) == [(5, 6, 0)]

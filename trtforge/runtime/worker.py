@@ -264,16 +264,30 @@ class _DataPath:
 
     def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
-        sequence axis padded or cut back to the request's length (on the device), then straight into the
-        block where the chunk's rows are contiguous, else through the chunk's output slot and one
-        scatter of its rows. On a GPU the copies are only queued, on the copy stream: returns the
-        event they record (None on the CPU) and the scatter left for the host once it has fired."""
+        sequence axis padded or cut back to the request's length (on the device), then copied
+        straight into the block in runs of rows that are consecutive there (rows put in the block's
+        order on the device first), where there are at most MAX_RUNS of them (a chunk that holds
+        every row of its request is one run); else through the chunk's output slot and one scatter
+        of its rows on the host. On a GPU the copies are only queued, on the copy stream: returns
+        the event they record (None on the CPU) and the scatter left for the host once it has fired."""
         import contextlib
 
+        import numpy as np
         import torch
 
         block, layout, span = target
         full = {k: torch.from_numpy(v) for k, v in self.heap.views(0, layout, offset=block).items()}
+        order = None  # the chunk's rows in the block's order, where it is not that already
+        if span is not None:
+            runs: list[tuple[int, int, int]] | None = [(span[0], span[1], 0)]
+        else:
+            runs = _runs(np.sort(rows))
+            if len(runs) > MAX_RUNS:
+                runs = None
+            elif self.on_gpu:  # sorted on the device: a copy from pageable memory would wait for the engine
+                order = torch.argsort(torch.from_numpy(rows).to(self.device, non_blocking=self.registered))
+            else:
+                order = torch.from_numpy(np.argsort(rows))
         values = {}
         for name, value in outputs.items():
             dest = full[name]
@@ -283,6 +297,8 @@ class _DataPath:
                     pad = [0, 0] * (value.ndim - 2) + [0, dest.shape[1] - value.shape[1]]
                     value = torch.nn.functional.pad(value, pad)
                 value = value[:, :dest.shape[1]]  # a chunk padded past the request's width to its bucket
+            if order is not None:
+                value = value.index_select(0, order)
             values[name] = value
         if self.on_gpu:
             self.copies.wait_stream(torch.cuda.current_stream())
@@ -290,9 +306,10 @@ class _DataPath:
                 value.record_stream(self.copies)  # not reused before the copy stream has read it
         scatters = []
         with torch.cuda.stream(self.copies) if self.on_gpu else contextlib.nullcontext():
-            if span is not None:  # rows start..stop of the result
+            if runs is not None:
                 for name, value in values.items():
-                    full[name][span[0]:span[1]].copy_(value, non_blocking=self.registered)
+                    for start, stop, first in runs:
+                        full[name][start:stop].copy_(value[first:first + stop - start], non_blocking=self.registered)
             else:
                 if self.on_gpu:  # to the host first, into the chunk's output slot
                     staged = self.outputs.views(slot, self.outputs.layout(
@@ -335,6 +352,19 @@ class _DataPath:
             for arena in (self.inputs, self.outputs, self.heap):
                 if arena is not None:
                     torch.cuda.cudart().cudaHostUnregister(arena.address)
+
+
+MAX_RUNS = 4  # copies straight into the result block per output, before the host scatters instead
+
+
+def _runs(rows: Any) -> list[tuple[int, int, int]]:
+    """Sorted destination rows as runs of consecutive ones: (start, stop, first source row)."""
+    import numpy as np
+
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
 
 
 def _register(arena: Arena) -> bool:
