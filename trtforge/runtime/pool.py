@@ -505,7 +505,9 @@ def chunk_shapes(arrays: Mapping[str, np.ndarray], profile: Mapping[str, tuple[i
 def _to_width(array: np.ndarray, width: int) -> np.ndarray:
     if array.shape[1] >= width:
         return array[:, :width]
-    return np.pad(array, [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2))
+    wider = np.zeros((array.shape[0], width, *array.shape[2:]), dtype=array.dtype)  # (np.pad: 10x slower)
+    wider[:, :array.shape[1]] = array
+    return wider
 
 
 def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ system when the last process that maps it exits. A GPU worker registers its aren
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -32,7 +33,7 @@ def _aligned(n: int) -> int:
 
 
 def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize  # (np.prod: 20x slower on a tuple)
 
 
 Layout = list[tuple[str, str, tuple[int, ...], int]]  # (name, dtype, shape, offset in the slot)
