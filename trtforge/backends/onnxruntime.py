@@ -17,8 +17,8 @@ Decoders (causal attention), vision models and attention ONNX Runtime does not f
 and the manifest says why.
 
 CUDA runs are asynchronous, like a PyTorch op: ONNX Runtime is told not to synchronize at the end
-of a run (`disable_synchronize_execution_providers`, which CUDA graph replay honours since onnxruntime PR 28686), the
-engine's stream waits on the caller's current stream before the run and the current stream waits on
+of a run (`disable_synchronize_execution_providers`, which CUDA graph replay honours since
+onnxruntime PR 28686), the engine's stream waits on the caller's current stream before the run and the current stream waits on
 the engine's after it, so outputs are ordered on the caller's stream and the host can queue the
 next batch while this one runs.
 """
@@ -106,8 +106,14 @@ def packed_rule(packed: dict[str, Any]) -> dict[str, int] | None:
     rule = packed.get("rule") or {}
     if rule.get("from_batch") is None:
         return None
-    sequence = max(row["sequence"] for row in packed.get("sweep") or [{"sequence": 1}])
-    return {"from_batch": rule["from_batch"], "from_tokens": rule.get("from_tokens") or rule["from_batch"] * sequence}
+    return {"from_batch": rule["from_batch"],
+            "from_tokens": rule.get("from_tokens") or packed_from_tokens(rule["from_batch"], packed["sweep"])}
+
+
+def packed_from_tokens(from_batch: int | None, sweep: list[dict[str, Any]]) -> int | None:
+    """The padded size (rows x width) at which the sweep saw the packed graph win: from_batch rows
+    at the sweep's sequence."""
+    return from_batch * sweep[0]["sequence"] if from_batch and sweep else None
 
 
 def packed_serves(rows: int, width: int, rule: dict[str, int] | None) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 
 from trtforge.backends import backend
 from trtforge.backends.base import BuildJob
-from trtforge.backends.onnxruntime import PACKED_FILE
+from trtforge.backends.onnxruntime import PACKED_FILE, packed_from_tokens
 from trtforge.compare import compare, function_runner
 from trtforge.recipe import Tolerance
 from trtforge.store import sha256_file
@@ -146,11 +146,10 @@ def check_packed(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]
     # From the smallest batch at which packing wins and keeps winning at every larger one.
     from_batch = next((b for b in winning if all(r["packed_ms"] < r["fused_ms"] for r in sweep if r["batch"] >= b)), None)
     passed = checked["parity"]["passed"]
-    sequence = sweep[0]["sequence"] if sweep else 0
     return {"status": "passed" if passed else "failed", "file": PACKED_FILE, "parity": checked["parity"],
             "latency_ms": checked["latency_ms"], "sweep": sweep,
             "rule": {"from_batch": from_batch if passed else None,
-                     "from_tokens": from_batch * sequence if passed and from_batch else None,
+                     "from_tokens": packed_from_tokens(from_batch, sweep) if passed else None,
                      "how": "the packed graph serves chunks of at least from_batch rows and from_tokens padded "
                             "tokens (rows x width; null: none): the smallest batch from which it beat the fused "
                             "graph's CUDA graphs at every larger batch, timed here on the checked opt-sequence "

@@ -232,7 +232,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
 
     from trtforge.models import load_model
     from trtforge.runtime.baselines import run_compiled, run_data_parallel, run_ddp
-    from trtforge.runtime.pool import Runtime, chunk_shapes
+    from trtforge.runtime.pool import Runtime, chunk_shapes, default_batching
     from trtforge.store import read_manifest
 
     on_gpu = config.cpu_workers == 0
@@ -273,9 +273,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
         with progress.stage("runtime", f"{n} device(s)") as outcome:
             # Every shape the engines will run, set up on every worker before timing (CUDA graphs are
             # captured per shape, and a request may go to any worker).
-            batching = "length" if config.outputs == "host" else "fixed"
             warm = sorted({shape for feed in [*feeds.values(), parity_feed]
-                           for shape in chunk_shapes(feed, profile, n, batching)})
+                           for shape in chunk_shapes(feed, profile, n, default_batching(config.outputs))})
             with Runtime(artifact, devices=list(range(n)) if on_gpu else n, backend=config.backend, outputs=config.outputs,
                          warm=warm, timeout_s=600) as runtime:
                 per_batch = {}

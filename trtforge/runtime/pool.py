@@ -76,7 +76,7 @@ class Runtime:
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
         self.max_batch = self.profile["batch"][2]
         self.outputs_on, self.timeout_s = outputs, timeout_s
-        self.batching = batching or ("length" if outputs == "host" else "fixed")
+        self.batching = batching or default_batching(outputs)
         if self.batching not in ("length", "fixed"):
             raise ValueError(f"batching must be 'length' or 'fixed', got {self.batching!r}")
         if self.batching == "length" and outputs == "device":
@@ -468,6 +468,11 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def default_batching(outputs: str) -> str:
+    """Length-aware where results come back to the host in input order; fixed rows on the devices."""
+    return "length" if outputs == "host" else "fixed"
 
 
 def groups(rows: int, workers: int, lengths: np.ndarray | None,
