@@ -1,4 +1,5 @@
-"""The runtime tests' shared artifact: a tiny BERT classifier with an onnxruntime-cpu engine."""
+"""The runtime tests' shared artifact (a tiny BERT classifier with an onnxruntime-cpu engine) and
+helpers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from tests.conftest import tiny_recipe_text
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
+from trtforge.runtime import WorkerDied
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,17 @@ def artifact(tmp_path_factory):
     result = Build(load_recipe(tmp / "r.toml"), tmp / "out").run()
     assert result.passed
     return result.artifact
+
+
+def outcomes(futures, timeout: float) -> list[str]:
+    """Each future's outcome: "ok", or the message of the WorkerDied it raised (any other error fails
+    the test). Messages, not the errors: their tracebacks would keep the futures, and the results
+    in the runtime's shared memory, alive."""
+    settled = []
+    for future in futures:
+        try:
+            future.result(timeout=timeout)
+            settled.append("ok")
+        except WorkerDied as e:
+            settled.append(str(e))
+    return settled

@@ -19,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from trtforge.runtime import Runtime, WorkerDied, WorkerError
+from tests.runtime.conftest import outcomes
+from trtforge.runtime import Runtime, WorkerError
 from trtforge.runtime.shm import SLOTS, Arena
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,19 +131,13 @@ def test_a_worker_killed_while_holding_slots_fails_only_its_chunks_and_leaks_not
         held = len(rt._workers[0].outstanding)  # the chunks in its slots (the rest went to worker 1)
         assert 1 <= held <= SLOTS
         os.kill(victim, signal.SIGKILL)
-        outcomes = []
-        for future in futures:
-            try:
-                future.result(timeout=20)
-                outcomes.append("ok")
-            except WorkerDied:
-                outcomes.append("died")
-        assert outcomes.count("died") == held  # exactly the chunks in the dead worker's slots
+        died = [message for message in outcomes(futures, timeout=20) if message != "ok"]
+        assert len(died) == held  # exactly the chunks in the dead worker's slots
         assert [w["alive"] for w in rt.workers] == [False, True]
         batch = padded(7, 16, seed=9)
         np.testing.assert_allclose(rt.run(batch, timeout=20)["logits"], single_process(artifact, batch),
                                    rtol=1e-3, atol=1e-3)
-    del futures, future  # results live in the runtime's shared heap while they are referenced
+    del futures  # results live in the runtime's shared heap while they are referenced
     gc.collect()
     assert set(memfds()) <= before
 
