@@ -7,7 +7,8 @@
 # 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, engine-cost, text-bert
 # (text-bert-short, text-bert-passage), text-minilm (real
 # text, short and passage, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
-# Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES.
+# Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES, COMPILE
+# (the torch.compile baseline where a stage has one: COMPILE= leaves it out, its compile takes minutes).
 # Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
 # HF_HUB_OFFLINE=1). Every stage writes its results and its log under OUT and keeps going on failure.
 set -u
@@ -15,6 +16,7 @@ OUT=$1; shift
 ENG=${ENG:-/tmp/eng}
 ITER=${ITER:-100}
 DEVICES=${DEVICES:-1,2,4}  # device counts the benches run on (the host's largest last)
+COMPILE=${COMPILE-,compile}
 mkdir -p "$OUT"
 bench() {  # name, recipe, options...
   local name=$1 recipe=$2; shift 2
@@ -36,21 +38,21 @@ for stage in "$@"; do
       bench minilm-device recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs device --baselines ddp
       bench minilm-host recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs host --baselines ddp ;;
     scale-bert)
-      bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp,compile ;;
+      bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines "ddp$COMPILE" ;;
     scale-bert-short)
       bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp ;;
     callers)
       bench minilm-host-4callers recipes/minilm.toml --devices "${DEVICES##*,}" --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
-    text-bert-short) bert_text short ddp,ddp-sorted,compile ;;
+    text-bert-short) bert_text short "ddp,ddp-sorted$COMPILE" ;;
     text-bert-passage) bert_text passage ddp,ddp-sorted ;;
-    text-bert) bert_text short ddp,ddp-sorted,compile; bert_text passage ddp,ddp-sorted ;;
+    text-bert) bert_text short "ddp,ddp-sorted$COMPILE"; bert_text passage ddp,ddp-sorted ;;
     engine-cost)  # host and GPU time of one engine call, synchronous and asynchronous runs
       python3 -m trtforge build recipes/bert-base-classifier.toml --out "$ENG" > "$OUT/build-bert.log" 2>&1
       python3 benchmarks/engine_host_cost.py "$ENG/bert-base-classifier" --json "$OUT/engine-host-cost.json" \
         > "$OUT/engine-host-cost.log" 2>&1; echo "engine-cost exit $?" ;;
     text-minilm)
       bench minilm-short recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --workload short --sequence 256 \
-        --baselines ddp,ddp-sorted,compile ;;
+        --baselines "ddp,ddp-sorted$COMPILE" ;;
     manifests)  # the artifacts' manifests: engines, packed sweeps and rules, checks
       for m in "$ENG"/*/manifest.json; do cp "$m" "$OUT/manifest-$(basename "$(dirname "$m")").json"; done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
