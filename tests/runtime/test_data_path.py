@@ -21,6 +21,7 @@ import pytest
 
 from tests.runtime.conftest import outcomes
 from trtforge.runtime import Runtime, WorkerError
+from trtforge.runtime.pool import HEAP_ROUNDS
 from trtforge.runtime.shm import SLOTS, Arena
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,10 +222,9 @@ def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_co
         heap = rt._heap
         requests = [padded(4, 12, seed=s) for s in range(3 * SLOTS)]
         held = [rt.run(batch)["logits"] for batch in requests]
-        assert len(heap.used) == SLOTS  # room for one worker's slots of results: the rest were copied
-        in_heap = [r for r in held if r.base is not None and r.base.base is not None
-                   and isinstance(r.base.base, memoryview)]
-        assert len(in_heap) == SLOTS
+        assert len(heap.used) == HEAP_ROUNDS * SLOTS  # room for its rounds of slots: the rest were copied
+        in_heap = [r for r in held if in_the_heap(r)]
+        assert len(in_heap) == HEAP_ROUNDS * SLOTS
         for batch, result in zip(requests, held):
             np.testing.assert_allclose(result, single_process(artifact, batch), rtol=1e-3, atol=1e-3)
         view = held[0][1:3]  # a view keeps its block
@@ -234,6 +234,34 @@ def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_co
         del view
         gc.collect()
         assert not heap.used and heap.free_blocks == [(0, heap.slot_bytes)]
+
+
+def test_requests_waiting_for_a_slot_hold_no_heap_memory(artifact):
+    """A heap block is taken when a request's first chunk goes to a worker, not at submit: with the
+    worker stopped, only the requests in its slots hold blocks, however many wait behind them; once
+    it runs again, every request gets its own results (from the heap or copied, as room allows), and
+    every block goes back."""
+    with Runtime(artifact, devices=1, timeout_s=60) as rt:
+        heap, worker = rt._heap, rt.workers[0]["pid"]
+        requests = [padded(4, 12, seed=s) for s in range(4 * SLOTS)]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            futures = [rt.submit(batch) for batch in requests]
+            assert len(heap.used) == SLOTS  # the slots' requests only (the heap has room for more)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for i, (batch, future) in enumerate(zip(requests, futures)):
+            result = future.result(timeout=60)["logits"]
+            futures[i] = None  # the caller drops each result once read
+            np.testing.assert_allclose(result, single_process(artifact, batch), rtol=1e-3, atol=1e-3)
+            del result
+        gc.collect()
+        assert not heap.used
+
+
+def in_the_heap(result: np.ndarray) -> bool:
+    """Whether an output is a view over the runtime's heap (not a copy)."""
+    return result.base is not None and result.base.base is not None and isinstance(result.base.base, memoryview)
 
 
 def test_chunks_at_the_profiles_largest_shape_with_scattered_rows_fit_their_slots(artifact):

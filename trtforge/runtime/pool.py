@@ -11,11 +11,11 @@ queue and go to whichever worker has a free slot, and results come back in input
 The data path (runtime/shm.py): each worker has SLOTS slots of shared memory for inputs (and as many
 for staging outputs), and the runtime has one shared heap for results, all created here and reused
 for the runtime's life. A chunk's inputs are written once, into a slot; the worker reads them in
-place. For host outputs, each request gets a block of the heap at submit, the workers write their
-rows of the result straight into it (padding zeroed, in input order), and the caller hands out numpy
-arrays over the block: no copy on the caller's side, whatever the size of the outputs; the block
-returns to the heap when those arrays die. Only descriptors cross the pipes; one receiver thread per
-worker takes them.
+place. For host outputs, each request gets a block of the heap when its first chunk is dispatched
+(requests waiting for a free slot hold none), the workers write their rows of the result straight
+into it (padding zeroed, in input order), and the caller hands out numpy arrays over the block: no
+copy on the caller's side, whatever the size of the outputs; the block returns to the heap when
+those arrays die. Only descriptors cross the pipes; one receiver thread per worker takes them.
 
 Errors in a worker reach the caller as WorkerError (WorkerDied, RequestTimeout); the other workers
 keep serving; nothing waits forever. Any number of caller threads may submit at once; the runtime
@@ -45,6 +45,7 @@ from trtforge.store import read_manifest
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
 
 TEXT_BYTES_PER_TOKEN = 16  # texts are cut at max_length x this many characters before they are sent
+HEAP_ROUNDS = 2  # the results heap holds this many rounds of every worker's slots at the largest shape
 
 
 class Runtime:
@@ -91,8 +92,9 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = False
         input_bytes, output_bytes = self._slot_bytes()
-        # Room for every worker's slots' worth of results at once; past that, results are copied.
-        self._heap = Heap(len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
+        # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
+        # results twice over (those in flight, those the caller still holds); past that, copies.
+        self._heap = Heap(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
         self._workers: list[Worker] = [
             start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
@@ -150,14 +152,16 @@ class Runtime:
         request.length = sequence[0] if sequence else 0
         if lengths is not None:
             request.mask = arrays["attention_mask"] != 0
-        self._reserve(request, rows)
         return self._enqueue(request)
 
-    def _reserve(self, request: Request, rows: int) -> None:
+    def _reserve(self, request: Request) -> None:
         """A block of the heap for the request's host outputs, where the output shapes are known and
-        there is room (else the workers' results are copied out of their slots)."""
-        if self._heap is None:
+        there is room (else the workers' results are copied out of their slots). Sought once, when
+        its first chunk is dispatched: requests still waiting for a slot hold no memory."""
+        request.reserved = True
+        if self._heap is None or request.text:
             return
+        rows = len(next(iter(request.arrays.values())))
         shapes = {}
         for name, spec in self.output_specs.items():
             shape = tuple(rows if d == "batch" else request.length if d == "sequence" else d for d in spec["shape"])
@@ -233,6 +237,8 @@ class Runtime:
                 request = self._requests.get(chunk.request_id)
                 if request is None:  # failed or timed out while it waited
                     continue
+                if not request.reserved:
+                    self._reserve(request)
                 slot = worker.free.pop()
                 worker.outstanding[(chunk.request_id, chunk.index)] = (slot, request)
                 request.workers[chunk.index] = worker.index

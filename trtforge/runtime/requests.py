@@ -92,6 +92,7 @@ class Request:
     workers: dict[int, int] = field(default_factory=dict)  # chunk -> worker index
     queued: dict[int, float] = field(default_factory=dict)  # chunk -> time.monotonic() just before its send
     lock: threading.Lock = field(default_factory=threading.Lock)
+    reserved: bool = False  # a heap block was sought (when its first chunk was dispatched)
     block: int | None = None  # the request's result block in the heap (host outputs)
     layout: Layout | None = None  # the results in that block: (name, dtype, shape, offset in the block)
     in_flight: int = 0  # chunks sent to workers and not answered: the block is theirs meanwhile
