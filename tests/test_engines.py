@@ -233,18 +233,25 @@ def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_at
     assert [t for _, t, _ in io(packed)] == [t for _, t, _ in io(fused)]  # a drop-in: same names and types
 
 
-def test_the_packed_graph_serves_only_chunks_as_large_as_where_it_was_measured_to_win():
+def test_the_packed_graph_serves_only_chunks_as_large_and_as_padded_as_where_it_was_measured_to_win():
     """Length-aware batching leaves little padding in small chunks, where the fused graph's CUDA
-    graphs win: the packed graph serves from the rule's batch and padded size (rows x width) on;
-    manifests without from_tokens take from_batch times the sweep's sequence."""
+    graphs win: the packed graph serves from the rule's batch and padded size (rows x width) on, and
+    only while the real tokens are few enough that removing the rest pays (the sweep's win scaled to
+    the share where the two graphs cross); manifests without these keys derive them from the sweep."""
     from trtforge.backends.onnxruntime import packed_rule, packed_serves
 
-    sweep = [{"batch": b, "sequence": 128} for b in (16, 32, 64, 128)]
+    sweep = [{"batch": b, "sequence": 128, "real_token_share": 0.6, "fused_ms": 2.0 * b, "packed_ms": 1.5 * b}
+             for b in (16, 32, 64, 128)]
     rule = packed_rule({"rule": {"from_batch": 32}, "sweep": sweep})
-    assert rule == {"from_batch": 32, "from_tokens": 4096}
+    assert rule == {"from_batch": 32, "from_tokens": 4096, "max_real_share": 0.8}  # 0.6 x 2.0 / 1.5
     assert packed_serves(128, 64, rule) and packed_serves(32, 128, rule)
     assert not packed_serves(32, 64, rule)  # a short-text chunk: the fused graph
     assert not packed_serves(16, 256, rule)  # below the batch it was measured to win from
-    assert packed_rule({"rule": {"from_batch": 32, "from_tokens": 2048}, "sweep": sweep})["from_tokens"] == 2048
+    assert packed_serves(128, 128, rule, real_tokens=int(0.8 * 128 * 128))
+    assert not packed_serves(128, 128, rule, real_tokens=int(0.8 * 128 * 128) + 1)  # full rows: nothing to remove
+    recorded = {"from_batch": 32, "from_tokens": 2048, "max_real_share": 0.5}
+    assert packed_rule({"rule": recorded, "sweep": sweep}) == recorded
+    slower = [{**row, "packed_ms": row["fused_ms"] / 2} for row in sweep]  # never above every token real
+    assert packed_rule({"rule": {"from_batch": 32}, "sweep": slower})["max_real_share"] == 1.0
     assert packed_rule({"rule": {"from_batch": None}, "sweep": sweep}) is None
     assert not packed_serves(128, 128, None)

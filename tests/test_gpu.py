@@ -123,6 +123,9 @@ def _packed_twin_is_checked_and_agrees(artifact: Path, entry: dict, output: str)
     rule = packed["rule"]
     assert rule["from_batch"] is None or rule["from_batch"] in [r["batch"] for r in packed["sweep"]]
     assert rule["from_tokens"] == (rule["from_batch"] * packed["sweep"][0]["sequence"] if rule["from_batch"] else None)
+    if rule["from_batch"]:  # the share where the graphs cross at from_batch (see packed_max_share)
+        at = next(r for r in packed["sweep"] if r["batch"] == rule["from_batch"])
+        assert rule["max_real_share"] == round(min(1.0, at["real_token_share"] * at["fused_ms"] / at["packed_ms"]), 3)
     assert (artifact / entry["dir"] / "model.packed.onnx").is_file()
     engine = trtforge.load(artifact, "cuda:0")
     ids = torch.randint(1000, 20000, (32, 96), device="cuda")

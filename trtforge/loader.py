@@ -37,9 +37,9 @@ class ProfiledEngine(Engine):
     def check_shapes(self, feed: Mapping[str, Any]) -> None:
         check_profiles(self.inputs, self.profiles, feed)
 
-    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, feed: Mapping[str, Any], *, real_tokens: int | None = None) -> dict[str, Any]:
         self.check_shapes(feed)
-        return self.engine(feed)
+        return self.engine(feed, real_tokens=real_tokens)
 
     def close(self) -> None:
         self.engine.close()

@@ -71,13 +71,15 @@ class Engine(ABC):
     """A loaded engine on one device: call it with named torch tensors on that device. On a GPU the
     call may return before the work is done, as a PyTorch op does: outputs are ordered on the
     device's current stream (read them through stream-ordered operations, `.cpu()`, or after a
-    synchronize)."""
+    synchronize). `real_tokens`: how many of the feed's tokens are real (not padding), where the
+    caller knows it without reading the device; an engine with a padding-free path may use it to
+    choose, others ignore it."""
 
     backend: str
     device: str
 
     @abstractmethod
-    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]: ...
+    def __call__(self, feed: Mapping[str, Any], *, real_tokens: int | None = None) -> dict[str, Any]: ...
 
     def close(self) -> None:
         """Release device memory held by the engine."""

@@ -11,8 +11,9 @@ graph (`model.packed.onnx`, ONNX Runtime's packing mode): RemovePadding after th
 the batch's real tokens into one row, PackedAttention attends within each sequence, RestorePadding
 puts the rows back before the output, so its inputs and outputs are the fused graph's and only real
 tokens are computed. It is checked on its own, and timed against the fused graph (CUDA graphs) on
-batches with real padding: the engine uses it from the smallest batch at which it wins (the rule in
-the manifest's `packed` section); smaller batches keep the CUDA graphs, which win on launch cost.
+batches with real padding: the engine uses it from the smallest batch at which it wins, on chunks
+with padding enough to remove (the rule in the manifest's `packed` section); smaller batches keep
+the CUDA graphs, which win on launch cost.
 Decoders (causal attention), vision models and attention ONNX Runtime does not fuse have no twin,
 and the manifest says why.
 
@@ -97,17 +98,19 @@ class OnnxruntimeBackend(Backend):
                                  packed_rule=packed_rule(packed) if usable else None)
 
 
-def packed_rule(packed: dict[str, Any]) -> dict[str, int] | None:
+def packed_rule(packed: dict[str, Any]) -> dict[str, Any] | None:
     """When the packed graph serves, from the manifest's `packed` section: at least `from_batch` rows
     and at least `from_tokens` padded tokens (rows x width), the size at which it was measured to
-    win; smaller chunks (length-aware batching leaves little padding to remove) keep the fused graph,
-    whose CUDA graphs win on launch cost. Manifests written before `from_tokens` existed: from_batch
-    times the sweep's sequence."""
+    win, and at most `max_real_share` of those tokens real; smaller chunks (length-aware batching
+    leaves little padding to remove) and chunks of full rows keep the fused graph, whose CUDA graphs
+    win on launch cost. Manifests written before these keys: derived from the sweep."""
     rule = packed.get("rule") or {}
     if rule.get("from_batch") is None:
         return None
+    sweep = packed["sweep"]
     return {"from_batch": rule["from_batch"],
-            "from_tokens": rule.get("from_tokens") or packed_from_tokens(rule["from_batch"], packed["sweep"])}
+            "from_tokens": rule.get("from_tokens") or packed_from_tokens(rule["from_batch"], sweep),
+            "max_real_share": rule.get("max_real_share") or packed_max_share(rule["from_batch"], sweep)}
 
 
 def packed_from_tokens(from_batch: int | None, sweep: list[dict[str, Any]]) -> int | None:
@@ -116,8 +119,22 @@ def packed_from_tokens(from_batch: int | None, sweep: list[dict[str, Any]]) -> i
     return from_batch * sweep[0]["sequence"] if from_batch and sweep else None
 
 
-def packed_serves(rows: int, width: int, rule: dict[str, int] | None) -> bool:
-    return rule is not None and rows >= rule["from_batch"] and rows * width >= rule["from_tokens"]
+def packed_max_share(from_batch: int | None, sweep: list[dict[str, Any]]) -> float | None:
+    """The largest share of real tokens at which the packed graph should still win at from_batch:
+    its work follows the real tokens and the fused graph's the padded ones, so the sweep's win there
+    (fused_ms / packed_ms at its real share) holds down to the share where the two cross."""
+    row = next((r for r in sweep if r["batch"] == from_batch), None)
+    if row is None:
+        return None
+    return round(min(1.0, row["real_token_share"] * row["fused_ms"] / row["packed_ms"]), 3)
+
+
+def packed_serves(rows: int, width: int, rule: dict[str, Any] | None, real_tokens: int | None = None) -> bool:
+    """Whether the packed graph serves a chunk (see packed_rule); without `real_tokens`, by size alone."""
+    if rule is None or rows < rule["from_batch"] or rows * width < rule["from_tokens"]:
+        return False
+    share = rule.get("max_real_share")
+    return real_tokens is None or share is None or real_tokens <= share * rows * width
 
 
 def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
@@ -243,13 +260,13 @@ class OnnxruntimeEngine(Engine):
                 self.packed_session = _session(packed, device=device, stream=self.stream.cuda_stream)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def _packed(self, feed: Mapping[str, Any]) -> bool:
+    def _packed(self, feed: Mapping[str, Any], real_tokens: int | None) -> bool:
         if self.packed_session is None or self.mode == "fused":
             return False
         if self.mode == "packed":
             return True
         first = feed[self.input_names[0]]
-        return packed_serves(first.shape[0], first.shape[1] if first.ndim > 1 else 1, self.packed_rule)
+        return packed_serves(first.shape[0], first.shape[1] if first.ndim > 1 else 1, self.packed_rule, real_tokens)
 
     def output_shape(self, spec: dict[str, Any], sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])
@@ -262,14 +279,14 @@ class OnnxruntimeEngine(Engine):
                     sizes[dim] = int(size)
         return sizes
 
-    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, feed: Mapping[str, Any], *, real_tokens: int | None = None) -> dict[str, Any]:
         import torch
 
         if self.device == "cpu":
             arrays = {n: feed[n].detach().cpu().numpy() if hasattr(feed[n], "detach") else feed[n]
                       for n in self.input_names}
             return {o["name"]: torch.from_numpy(v) for o, v in zip(self.outputs, self.session.run(None, arrays))}
-        if self._packed(feed):
+        if self._packed(feed, real_tokens):
             return self._run(self.packed_session, feed, self._bind_outputs(feed))
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
         if self.cuda_graph and key not in self.graph_failures and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS):

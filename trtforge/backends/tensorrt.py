@@ -170,7 +170,7 @@ class TensorRTEngine(Engine):
                 return
         raise EnvironmentProblem(f"no optimization profile of this engine holds shapes {shapes}")
 
-    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, feed: Mapping[str, Any], *, real_tokens: int | None = None) -> dict[str, Any]:
         import torch
 
         results = {}

@@ -22,7 +22,7 @@ import numpy as np
 
 from trtforge.backends import backend
 from trtforge.backends.base import BuildJob
-from trtforge.backends.onnxruntime import PACKED_FILE, packed_from_tokens
+from trtforge.backends.onnxruntime import PACKED_FILE, packed_from_tokens, packed_max_share
 from trtforge.compare import compare, function_runner
 from trtforge.recipe import Tolerance
 from trtforge.store import sha256_file
@@ -150,10 +150,13 @@ def check_packed(engine: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]
             "latency_ms": checked["latency_ms"], "sweep": sweep,
             "rule": {"from_batch": from_batch if passed else None,
                      "from_tokens": packed_from_tokens(from_batch, sweep) if passed else None,
+                     "max_real_share": packed_max_share(from_batch, sweep) if passed else None,
                      "how": "the packed graph serves chunks of at least from_batch rows and from_tokens padded "
-                            "tokens (rows x width; null: none): the smallest batch from which it beat the fused "
-                            "graph's CUDA graphs at every larger batch, timed here on the checked opt-sequence "
-                            "rows with their real padding, at that sequence"}}
+                            "tokens (rows x width; null: none), of which at most max_real_share are real: the "
+                            "smallest batch from which it beat the fused graph's CUDA graphs at every larger "
+                            "batch, timed here on the checked opt-sequence rows with their real padding, at that "
+                            "sequence; the share where the two would cross there (packed work follows real "
+                            "tokens, fused work padded ones)"}}
 
 
 def sweep_batches(batch: list[int]) -> list[int]:

@@ -171,23 +171,25 @@ def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: in
 def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, backend: str | None,
                    iterations: int) -> dict[str, float]:
     """The engine's own time per batch, inputs already on the device, one call at a time: what the
-    runtime's one-request-at-a-time latency is compared with (its overhead)."""
+    runtime's one-request-at-a-time latency is compared with (its overhead). Told the real tokens,
+    as the runtime's workers tell it, so that both run the same graph."""
     import torch
 
     import trtforge
     from trtforge.runtime.baselines import percentiles
 
     engine = trtforge.load(artifact, device, backend_name=backend)
+    real = int(np.count_nonzero(feed["attention_mask"])) if "attention_mask" in feed else None
     try:
         on_device = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
         sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
         for _ in range(10):
-            engine(on_device)
+            engine(on_device, real_tokens=real)
         sync()
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
-            engine(on_device)
+            engine(on_device, real_tokens=real)
             sync()
             times.append(1e3 * (time.perf_counter() - start))
     finally:

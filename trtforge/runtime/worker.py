@@ -52,8 +52,10 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
         io = _DataPath(device, *(Arena.attach(a) if a is not None else None for a in arenas))
         io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
-            engine({spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
-                    for spec in engine.inputs})
+            feed = {spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
+                    for spec in engine.inputs}
+            engine(feed)  # by size alone: the padding-free graph where it may serve this shape
+            engine(feed, real_tokens=batch * length)  # full rows: the fused graph
         if device != "cpu":
             torch.cuda.synchronize()
     except Exception as e:  # reported to the parent, which raises it to the caller
@@ -195,24 +197,27 @@ class _DataPath:
 
     def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
         """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
-        return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()})
+        return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()},
+                      real_tokens=_real_tokens(arrays))
 
-    def prepare(self, slot: int, layout: Any) -> tuple[dict[str, Any], Any, float]:
+    def prepare(self, slot: int, layout: Any) -> tuple[dict[str, Any], Any, int | None, float]:
         """A chunk's inputs as the engine takes them (on a GPU, their copies to the device queued
         straight from the registered slot, else through the reader's own staging buffers), where its
-        rows go in the request's result, and the milliseconds it took."""
+        rows go in the request's result, its real tokens (counted on the host) and the milliseconds
+        it took."""
         import torch
 
         start = time.monotonic()
         views = self.inputs.views(slot, layout)
         rows = views.pop("__rows__", None)
+        real_tokens = _real_tokens(views)
         if not self.on_gpu:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
         elif self.registered:
             feed = {name: torch.from_numpy(view).to(self.device, non_blocking=True) for name, view in views.items()}
         else:
             feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
-        return feed, rows, 1e3 * (time.monotonic() - start)
+        return feed, rows, real_tokens, 1e3 * (time.monotonic() - start)
 
     def serve(self, engine: Any, slot: int, prepared: tuple, outputs_on: str, timings: dict[str, float],
               target: Any = None) -> Any:
@@ -223,10 +228,10 @@ class _DataPath:
         launch (the host's time to queue the copies in, in the reader, and the engine), engine (on a
         GPU, the device's time from the engine's start to its end) and outputs (to the outputs'
         arrival where the caller reads them, host work included)."""
-        feed, rows, timings["inputs_ms"] = prepared
+        feed, rows, real_tokens, timings["inputs_ms"] = prepared
         start = time.monotonic()
         began = self._mark()
-        outputs = engine(feed)
+        outputs = engine(feed, real_tokens=real_tokens)
         ended = self._mark()
         timings["launch_ms"] = 1e3 * (time.monotonic() - start)
         if outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
@@ -383,6 +388,14 @@ def _numpy_dtype(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty(0, dtype=value.dtype).numpy().dtype
     return np.asarray(value).dtype
+
+
+def _real_tokens(arrays: dict[str, Any]) -> int | None:
+    """The real (unmasked) tokens of host inputs, where they have an attention mask."""
+    import numpy as np
+
+    mask = arrays.get("attention_mask")
+    return int(np.count_nonzero(mask)) if mask is not None else None
 
 
 def _warm_input(spec: dict[str, Any], batch: int, length: int) -> Any:
