@@ -3,11 +3,10 @@
 #
 #   bash benchmarks/device_runs.sh OUT STAGE...
 #
-# Stages: tests (GPU tests), scale-minilm (batch 32/128, outputs device and host; scale-minilm-device,
-# scale-minilm-host), scale-bert (batch
-# 1/32/128, host), callers (4 caller threads on the most GPUs), manifests, engine-cost, text-bert
-# (text-bert-short, text-bert-passage), text-minilm (real
-# text, short and passage, against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
+# Stages: tests (GPU tests); scale-minilm (batch 32/128, outputs on the device and on the host; one of
+# them: scale-minilm-device, scale-minilm-host); scale-bert (batch 1/32/128, host); callers (4 caller
+# threads on the most GPUs); manifests; engine-cost; text-bert (text-bert-short, text-bert-passage) and
+# text-minilm (real text against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
 # Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES, COMPILE
 # (the torch.compile baseline where a stage has one: COMPILE= leaves it out, its compile takes minutes).
 # Needs the environment of ../shared/guide/gpu.md (PYTHONPATH with onnxruntime-gpu and polygraphy,
