@@ -102,9 +102,11 @@ def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
     # input order, agrees with the runtime (per-token outputs, two ranks of different widths).
     assert report["results"]["ddp-sorted"]["2"]["4"]["throughput"] > 0
     assert report["results"]["parity-sorted"]["2"]["passed"]
-    assert "runtime / DDP length-sorted" in (out / "minilm-cpu.bench" / "bench.md").read_text()
+    md = (out / "minilm-cpu.bench" / "bench.md").read_text()
+    assert "runtime / DDP length-sorted" in md
     source = report["config"]["workload_source"]
     assert source["kind"] == "short" and len(source["sha256"]) == 64 and source["units"] > 100
+    assert f"inputs real text, workload 'short': {source['units']} units from {source['source']}" in md
     # Sentences are short: the request is padded to its longest row, far below 64, and real tokens
     # are counted without the padding.
     assert row["padded_to"] < 64 and 0 < row["real_tokens_per_s"] < row["throughput"] * row["padded_to"]

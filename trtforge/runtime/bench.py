@@ -399,7 +399,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['date']}; devices {', '.join(report['host']['gpus']) or str(report['host']['cpu_workers']) + ' CPU workers'}; "
              f"sequence {config['sequence']}; {config['iterations']} iterations after {config['warmup']} warm-up; "
              f"outputs to {config['outputs']}; {config.get('callers', 1)} caller thread(s), "
-             f"{config.get('depth', 2)} request(s) in flight per device; inputs {'from ' + config['text'] if config['text'] else 'synthetic'}.", "",
+             f"{config.get('depth', 2)} request(s) in flight per device; inputs {_inputs_said(config)}.", "",
              f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
              f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
              "", "Runtime start-up (load, then every chunk shape of these requests set up on every worker): "
@@ -452,6 +452,16 @@ def markdown(report: dict[str, Any]) -> str:
                 versus_sorted = f"{mine['throughput'] / ordered['throughput']:.2f}x" if "throughput" in ordered else "–"
                 lines.append(f"| {n} | {b} | {mine['throughput'] / row['throughput']:.2f}x | {versus_sorted} |")
     return "\n".join(lines) + "\n"
+
+
+def _inputs_said(config: dict[str, Any]) -> str:
+    """Where the bench's inputs came from, in words."""
+    source = config.get("workload_source")
+    if config.get("workload") and source:
+        share = source["real_tokens"] / source["rows"]
+        return (f"real text, workload {config['workload']!r}: {source['units']} units from {source['source']} "
+                f"(sha256 {source['sha256'][:12]}), {share:.1f} real tokens per row")
+    return f"from {config['text']}" if config.get("text") else "synthetic"
 
 
 def plots(report: dict[str, Any], out: Path) -> list[Path]:
