@@ -107,6 +107,7 @@ def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
     source = report["config"]["workload_source"]
     assert source["kind"] == "short" and len(source["sha256"]) == 64 and source["units"] > 100
     assert f"inputs real text, workload 'short': {source['units']} units from {source['source']}" in md
+    assert "| real tokens/s |" in md and f"{row['tokenize_s']} s for 2 x 4 texts" in md
     # Sentences are short: the request is padded to its longest row, far below 64, and real tokens
     # are counted without the padding.
     assert row["padded_to"] < 64 and 0 < row["real_tokens_per_s"] < row["throughput"] * row["padded_to"]

@@ -256,7 +256,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
     progress.line(f"trtforge bench {recipe.model.name}: devices {list(counts)}, per-device batches "
                   f"{list(config.batches)}, sequence {config.sequence}, {config.iterations} iterations")
 
-    tokenize_s = None
+    tokenize_s: dict[int, float] = {}  # per batch: seconds to tokenize one request's texts
     sources: dict[int, dict[str, Any]] = {}
     results: dict[str, Any] = {"runtime": {}, "ddp": {}, "ddp-sorted": {}, "dataparallel": {}, "compile": {}, "parity": {},
                                "parity-sorted": {}, "startup": {}}
@@ -264,9 +264,9 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
         feeds = {}
         for b in config.batches:
             if config.workload is not None:
-                feeds[b], tokenize_s, sources[b] = workload_feed(loaded, config.workload, b * n, config.sequence)
+                feeds[b], tokenize_s[b], sources[b] = workload_feed(loaded, config.workload, b * n, config.sequence)
             elif config.text is not None:
-                feeds[b], tokenize_s = text_feed(loaded, config.text, b * n, config.sequence)
+                feeds[b], tokenize_s[b] = text_feed(loaded, config.text, b * n, config.sequence)
             else:
                 feeds[b] = synthetic_feed(loaded, b * n, config.sequence, seed=b)
         from trtforge.models import make_inputs
@@ -288,8 +288,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
                     per_batch[b]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)  # the pipelined run
                     per_batch[b]["single"] = single_latency(runtime, feeds[b], iterations=max(20, config.iterations // 4))
                     per_batch[b]["single"]["time_breakdown_ms"] = runtime.time_breakdown(reset=True)
-                    if tokenize_s is not None:
-                        per_batch[b]["tokenize_s"] = round(tokenize_s, 4)
+                    if b in tokenize_s:
+                        per_batch[b]["tokenize_s"] = round(tokenize_s[b], 4)
                     if b in sources:  # real (unpadded) tokens per second, the padded width
                         share = sources[b]["real_tokens"] / sources[b]["rows"]
                         per_batch[b]["real_tokens_per_s"] = round(per_batch[b]["throughput"] * share, 1)
@@ -406,17 +406,24 @@ def markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"{v['seconds']:.1f} s on {n} device(s) ({v['warmed_shapes']} shapes)"
                          for n, v in r.get("startup", {}).items()) + ".",
              "", "## Throughput (sequences/s) and p50 / p99 latency per batch (ms)", "",
-             "| contender | devices | per-device batch | throughput | per device | p50 | p90 | p99 | one-at-a-time p50 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| contender | devices | per-device batch | throughput | per device | real tokens/s | p50 | p90 | p99 | one-at-a-time p50 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for contender in ("runtime", "ddp", "ddp-sorted", "dataparallel", "compile"):
         for n, per_batch in sorted(r.get(contender, {}).items(), key=lambda kv: int(kv[0])):
             for b, row in per_batch.items():
                 if "throughput" not in row:
-                    lines.append(f"| {contender} | {n} | {b} | not run: {row.get('error', '')[:80]} | | | | | |")
+                    lines.append(f"| {contender} | {n} | {b} | not run: {row.get('error', '')[:80]} | | | | | | |")
                     continue
                 single = row.get("single", {}).get("p50_ms", "–")
+                share = _real_share(r["runtime"].get(n, {}).get(b, {}))  # every contender ran the same rows
+                real = f"{row['throughput'] * share:.0f}" if share is not None else "–"
                 lines.append(f"| {contender} | {n} | {b} | {row['throughput']:.0f} | {row['throughput'] / int(n):.0f} | "
-                             f"{row['p50_ms']:.3f} | {row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {single} |")
+                             f"{real} | {row['p50_ms']:.3f} | {row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {single} |")
+    tokenized = [f"{row['tokenize_s']} s for {n} x {b} texts" for n, per_batch in r["runtime"].items()
+                 for b, row in per_batch.items() if "tokenize_s" in row]
+    if tokenized:
+        lines += ["", "Tokenization (the fast tokenizer on the host, before and apart from every timing above), "
+                  "one request's texts: " + ", ".join(tokenized) + "."]
     lines += ["", "## Scaling efficiency E(N) = T(N) / (N x T(1))", "",
               "| per-device batch | " + " | ".join(f"runtime E({n})" for n in sorted({int(n) for v in report["scaling"].values() for n in v}))
               + " | " + " | ".join(f"DDP E({n})" for n in sorted({int(n) for v in report["scaling_ddp"].values() for n in v})) + " |"]
@@ -452,6 +459,11 @@ def markdown(report: dict[str, Any]) -> str:
                 versus_sorted = f"{mine['throughput'] / ordered['throughput']:.2f}x" if "throughput" in ordered else "–"
                 lines.append(f"| {n} | {b} | {mine['throughput'] / row['throughput']:.2f}x | {versus_sorted} |")
     return "\n".join(lines) + "\n"
+
+
+def _real_share(row: dict[str, Any]) -> float | None:
+    """Real (unpadded) tokens per row of a real-text request, from the runtime's row of the bench."""
+    return row["real_tokens_per_s"] / row["throughput"] if row.get("real_tokens_per_s") and row.get("throughput") else None
 
 
 def _inputs_said(config: dict[str, Any]) -> str:
