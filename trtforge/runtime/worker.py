@@ -55,7 +55,8 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
             feed = {spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
                     for spec in engine.inputs}
             engine(feed)  # by size alone: the padding-free graph where it may serve this shape
-            engine(feed, real_tokens=batch * length)  # full rows: the fused graph
+            if device != "cpu":  # full rows: the fused graph (a CPU engine has one graph)
+                engine(feed, real_tokens=batch * length)
         if device != "cpu":
             torch.cuda.synchronize()
     except Exception as e:  # reported to the parent, which raises it to the caller
