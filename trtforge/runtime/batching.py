@@ -45,6 +45,13 @@ def real_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     return np.maximum(lengths, 1)
 
 
+def real_tokens(arrays: dict[str, Any]) -> int | None:
+    """The real (unmasked) tokens of host inputs, where they have an attention mask: what an engine
+    with a padding-free graph is told (engine(feed, real_tokens=...)) to choose its graph."""
+    mask = arrays.get("attention_mask")
+    return int(np.count_nonzero(mask)) if mask is not None else None
+
+
 def as_array(value: Any, name: str = "input") -> np.ndarray:
     if hasattr(value, "detach"):
         if str(value.dtype) == "torch.bfloat16":

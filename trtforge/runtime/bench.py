@@ -177,9 +177,10 @@ def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, bac
 
     import trtforge
     from trtforge.runtime.baselines import percentiles
+    from trtforge.runtime.batching import real_tokens
 
     engine = trtforge.load(artifact, device, backend_name=backend)
-    real = int(np.count_nonzero(feed["attention_mask"])) if "attention_mask" in feed else None
+    real = real_tokens(feed)
     try:
         on_device = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
         sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from trtforge.runtime.batching import bucket_for
+from trtforge.runtime.batching import bucket_for, real_tokens
 from trtforge.runtime.shm import Arena
 from trtforge.tokens import TEXT_CONFIG, pool
 
@@ -199,7 +199,7 @@ class _DataPath:
     def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
         """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
         return engine({name: self.staging.to_device(name, array, self.device) for name, array in arrays.items()},
-                      real_tokens=_real_tokens(arrays))
+                      real_tokens=real_tokens(arrays))
 
     def prepare(self, slot: int, layout: Any) -> tuple[dict[str, Any], Any, int | None, float]:
         """A chunk's inputs as the engine takes them (on a GPU, their copies to the device queued
@@ -211,14 +211,14 @@ class _DataPath:
         start = time.monotonic()
         views = self.inputs.views(slot, layout)
         rows = views.pop("__rows__", None)
-        real_tokens = _real_tokens(views)
+        real = real_tokens(views)
         if not self.on_gpu:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
         elif self.registered:
             feed = {name: torch.from_numpy(view).to(self.device, non_blocking=True) for name, view in views.items()}
         else:
             feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
-        return feed, rows, real_tokens, 1e3 * (time.monotonic() - start)
+        return feed, rows, real, 1e3 * (time.monotonic() - start)
 
     def serve(self, engine: Any, slot: int, prepared: tuple, outputs_on: str, timings: dict[str, float],
               target: Any = None) -> Any:
@@ -229,10 +229,10 @@ class _DataPath:
         launch (the host's time to queue the copies in, in the reader, and the engine), engine (on a
         GPU, the device's time from the engine's start to its end) and outputs (to the outputs'
         arrival where the caller reads them, host work included)."""
-        feed, rows, real_tokens, timings["inputs_ms"] = prepared
+        feed, rows, real, timings["inputs_ms"] = prepared
         start = time.monotonic()
         began = self._mark()
-        outputs = engine(feed, real_tokens=real_tokens)
+        outputs = engine(feed, real_tokens=real)
         ended = self._mark()
         timings["launch_ms"] = 1e3 * (time.monotonic() - start)
         if outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
@@ -389,14 +389,6 @@ def _numpy_dtype(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty(0, dtype=value.dtype).numpy().dtype
     return np.asarray(value).dtype
-
-
-def _real_tokens(arrays: dict[str, Any]) -> int | None:
-    """The real (unmasked) tokens of host inputs, where they have an attention mask."""
-    import numpy as np
-
-    mask = arrays.get("attention_mask")
-    return int(np.count_nonzero(mask)) if mask is not None else None
 
 
 def _warm_input(spec: dict[str, Any], batch: int, length: int) -> Any:
