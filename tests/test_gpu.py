@@ -89,7 +89,8 @@ def test_minilm_onnxruntime_cuda_engine_is_built_checked_and_loaded(minilm):
 def test_runtime_pipelined_on_gpu_gives_each_request_its_own_results(minilm):
     """Many requests in flight at once through one GPU worker (runs asynchronous, copies back on
     their own stream, slots and heap blocks reused while earlier results are still held): each
-    result equals the engine's own output for that request, with host and with device outputs."""
+    result equals the engine's own output for that request, with host and with device outputs (held
+    until the last one is back, so that blocks still in use are never handed out again)."""
     from trtforge.runtime import Runtime
 
     rng = np.random.default_rng(0)
@@ -105,8 +106,16 @@ def test_runtime_pipelined_on_gpu_gives_each_request_its_own_results(minilm):
     with Runtime(minilm, devices=[0], timeout_s=120) as rt:
         held = [f.result(timeout=120)["last_hidden_state"] for f in [rt.submit(r) for r in requests]]
     with Runtime(minilm, devices=[0], outputs="device", timeout_s=120) as rt:
-        on_device = [torch.cat([c["last_hidden_state"] for c in f.result(timeout=120)]).float().cpu().numpy()
-                     for f in [rt.submit(r) for r in requests]]
+        heap = rt._workers[0].device_heap
+        assert heap is not None  # mapped once, at start
+        kept = [f.result(timeout=120) for f in [rt.submit(r) for r in requests]]  # every result held
+        assert heap.blocks.used  # results in blocks of the device heap (the rest crossed by IPC when it was full)
+        on_device = [torch.cat([c["last_hidden_state"] for c in chunks]).float().cpu().numpy() for chunks in kept]
+        del kept
+        import gc
+
+        gc.collect()
+        assert not heap.blocks.used  # every block back once its tensors died
     for feed, expected, host, device in zip(requests, direct, held, on_device):
         real = feed["attention_mask"].astype(bool)
         np.testing.assert_allclose(host[real], expected[real], atol=2e-2, rtol=2e-2)

@@ -222,7 +222,7 @@ def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_co
         heap = rt._heap
         requests = [padded(4, 12, seed=s) for s in range(3 * SLOTS)]
         held = [rt.run(batch)["logits"] for batch in requests]
-        assert len(heap.used) == HEAP_ROUNDS * SLOTS  # room for its rounds of slots: the rest were copied
+        assert len(heap.blocks.used) == HEAP_ROUNDS * SLOTS  # room for its rounds of slots: the rest were copied
         in_heap = [r for r in held if in_the_heap(r)]
         assert len(in_heap) == HEAP_ROUNDS * SLOTS
         for batch, result in zip(requests, held):
@@ -230,10 +230,10 @@ def test_results_live_in_the_heap_until_dropped_and_a_full_heap_falls_back_to_co
         view = held[0][1:3]  # a view keeps its block
         del held, in_heap, result
         gc.collect()
-        assert len(heap.used) == 1
+        assert len(heap.blocks.used) == 1
         del view
         gc.collect()
-        assert not heap.used and heap.free_blocks == [(0, heap.slot_bytes)]
+        assert not heap.blocks.used and heap.blocks.free_blocks == [(0, heap.slot_bytes)]
 
 
 def test_requests_waiting_for_a_slot_hold_no_heap_memory(artifact):
@@ -247,7 +247,7 @@ def test_requests_waiting_for_a_slot_hold_no_heap_memory(artifact):
         os.kill(worker, signal.SIGSTOP)
         try:
             futures = [rt.submit(batch) for batch in requests]
-            assert len(heap.used) == SLOTS  # the slots' requests only (the heap has room for more)
+            assert len(heap.blocks.used) == SLOTS  # the slots' requests only (the heap has room for more)
         finally:
             os.kill(worker, signal.SIGCONT)
         for i, (batch, future) in enumerate(zip(requests, futures)):
@@ -256,7 +256,7 @@ def test_requests_waiting_for_a_slot_hold_no_heap_memory(artifact):
             np.testing.assert_allclose(result, single_process(artifact, batch), rtol=1e-3, atol=1e-3)
             del result
         gc.collect()
-        assert not heap.used
+        assert not heap.blocks.used
 
 
 def in_the_heap(result: np.ndarray) -> bool:

@@ -95,10 +95,14 @@ class Runtime:
         # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
         # results twice over (those in flight, those the caller still holds); past that, copies.
         self._heap = Heap(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
+        # Device outputs: each worker's device heap holds as many rounds of its slots' results.
+        largest_chunk = self._chunk_output_bytes(self.max_batch, self.profile.get("sequence", (1, 1, 1))[2])
+        device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
         context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
         self._workers: list[Worker] = [
             start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
-                          input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context)
+                          input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
+                          device_heap_bytes=device_heap_bytes)
             for index, device in enumerate(self.devices)]
         try:
             wait_ready(self._workers, start_timeout_s)
@@ -124,10 +128,16 @@ class Runtime:
             per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
             inputs = max(inputs, self.max_batch * per_text + 2 * ALIGN)
         if self.outputs_on == "device" and self.text is None:
-            return inputs, ALIGN  # results stay on the devices
+            return inputs, ALIGN  # results stay on the devices (in the workers' device heaps)
+        return inputs, self._chunk_output_bytes(self.max_batch, largest.get("sequence", 1))
+
+    def _chunk_output_bytes(self, rows: int, length: int) -> int:
+        """A chunk's outputs at (rows, length), other axes at their largest, at least 4 bytes an
+        element (FP16 engines may return FP32)."""
         specs = list(self.output_specs.values())
         wide = {s["name"]: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"] for s in specs}
-        return inputs, max_bytes(specs, largest, wide)
+        largest = {name: hi for name, (_, _, hi) in self.profile.items()}
+        return max_bytes(specs, {**largest, "batch": rows, "sequence": length}, wide)
 
     @property
     def workers(self) -> list[dict[str, Any]]:
@@ -137,7 +147,8 @@ class Runtime:
     def submit(self, batch: Mapping[str, Any]) -> Future:
         """Send a batch of named tensors (numpy or torch); the future's result is a dict of outputs
         in input order: numpy arrays (outputs="host"), or a list of per-chunk dicts of torch tensors
-        on the devices that computed them (outputs="device")."""
+        on the devices that computed them (outputs="device"; they live in the workers' device memory:
+        valid while the runtime is open, so clone what you keep past close())."""
         submitted = time.monotonic()
         self._check_open()
         arrays = self._inputs(batch)
@@ -257,6 +268,10 @@ class Runtime:
                 if contiguous is None:
                     arrays["__rows__"] = np.asarray(chunk.rows, dtype=np.int64)
                 target = (request.block, request.layout, contiguous)
+            if self.outputs_on == "device" and worker.device_heap is not None:  # its outputs' block there
+                size = self._chunk_output_bytes(len(next(iter(arrays.values()))), chunk.length or request.length)
+                chunk.block = worker.device_heap.allocate(size)
+                target = (chunk.block, size) if chunk.block is not None else None
             layout = worker.inputs.write(slot, arrays)
             kind = "run"
         if layout is None:  # cannot happen for checked requests: slots hold the profile's largest chunk
@@ -307,6 +322,9 @@ class Runtime:
         except Exception as e:  # a bug here must fail the request, not the receiver
             self._fail(request_id, WorkerError(f"results of worker {worker.index}: {type(e).__name__}: {e}"))
         finally:
+            if sent is not None and sent.chunks[chunk].block is not None:  # no tensors took the block
+                worker.device_heap.release(sent.chunks[chunk].block)
+                sent.chunks[chunk].block = None
             if slot is not None:
                 with self._lock:
                     worker.free.append(slot)
@@ -319,6 +337,9 @@ class Runtime:
         outputs = worker.outputs.views(slot, data) if where == "shm" else data
         if where == "heap":
             pass
+        elif where == "device-heap":  # tensors over the chunk's block, which is theirs from now on
+            block, request.chunks[chunk].block = request.chunks[chunk].block, None
+            request.parts[chunk] = worker.device_heap.tensors(block, data)
         elif request.text or self.outputs_on == "device":
             request.parts[chunk] = {k: v.copy() for k, v in outputs.items()} if where == "shm" else outputs
         else:

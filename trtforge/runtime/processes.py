@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from trtforge.errors import CompatibilityError, TrtforgeError
-from trtforge.runtime.shm import SLOTS, Arena
+from trtforge.runtime.shm import SLOTS, Arena, DeviceHeap
 
 
 class WorkerError(TrtforgeError):
@@ -46,6 +46,7 @@ class Worker:
     alive: bool = True
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     receiver: threading.Thread | None = None
+    device_heap: DeviceHeap | None = None  # device outputs: the worker's results memory, mapped here
 
 
 def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
@@ -77,8 +78,9 @@ CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the 
 
 def start_worker(index: int, device: str, artifact: str, *, backend: str | None, outputs: str,
                  warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None,
-                 context: Any) -> Worker:
-    """One worker process for `device`, with its input and output slots and its two pipes."""
+                 context: Any, device_heap_bytes: int = 0) -> Worker:
+    """One worker process for `device`, with its input and output slots and its two pipes (and, for
+    device outputs on a GPU, a device heap of `device_heap_bytes`, which the worker allocates)."""
     inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
     outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
     requests_reader, requests_writer = context.Pipe(duplex=False)
@@ -88,7 +90,8 @@ def start_worker(index: int, device: str, artifact: str, *, backend: str | None,
     process = context.Process(target=_serve, daemon=True, name=f"trtforge-worker-{index}",
                               args=(index, artifact, device, backend, outputs, requests_reader, writer,
                                     [tuple(w) for w in warm],
-                                    (inputs.handle(), outputs_arena.handle(), heap.handle() if heap is not None else None)))
+                                    (inputs.handle(), outputs_arena.handle(), heap.handle() if heap is not None else None),
+                                    device_heap_bytes))
     process.start()
     writer.close()  # the worker holds the only write end: its exit shows as EOF here
     requests_reader.close()
@@ -114,6 +117,8 @@ def wait_ready(workers: list[Worker], timeout_s: float) -> None:
                                  f"(exit code {worker.process.exitcode})") from None
             if kind == "failed":
                 raise WorkerError(f"worker for {worker.device} could not load the engine: {payload}")
+            shared = payload.pop("device_heap", None)  # mapped here, once (CUDA IPC)
+            worker.device_heap = DeviceHeap(shared) if shared is not None else None
             worker.info = payload
             waiting.pop(index)
         if waiting and time.monotonic() > deadline:

@@ -74,6 +74,7 @@ class Chunk:
     index: int
     rows: Any  # a slice or an index array of the request's rows (texts, for a text request)
     length: int | None = None  # the sequence length it is cut to (length-aware batches)
+    block: int | None = None  # device outputs: its block in its worker's device heap, until tensors own it
 
 
 @dataclass

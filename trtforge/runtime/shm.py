@@ -75,11 +75,7 @@ class Arena:
 
     def layout(self, arrays: dict[str, tuple[tuple[int, ...], Any]]) -> Layout | None:
         """Where tensors of these shapes and dtypes go in a slot; None if they do not fit."""
-        layout, offset = [], 0
-        for name, (shape, dtype) in arrays.items():
-            layout.append((name, np.dtype(dtype).str, tuple(int(n) for n in shape), offset))
-            offset += _aligned(nbytes(shape, dtype))
-        return layout if offset <= self.slot_bytes else None
+        return place(arrays, self.slot_bytes)
 
     def views(self, slot: int, layout: Layout, *, offset: int = 0) -> dict[str, np.ndarray]:
         """numpy arrays over a slot's memory (from `offset` in it), as the layout places them (no copy)."""
@@ -123,6 +119,16 @@ class Arena:
             pass
 
 
+def place(arrays: dict[str, tuple[tuple[int, ...], Any]], capacity: int) -> Layout | None:
+    """Where tensors of these shapes and dtypes go, one after another (aligned), in `capacity` bytes;
+    None if they do not fit."""
+    layout, offset = [], 0
+    for name, (shape, dtype) in arrays.items():
+        layout.append((name, np.dtype(dtype).str, tuple(int(n) for n in shape), offset))
+        offset += _aligned(nbytes(shape, dtype))
+    return layout if offset <= capacity else None
+
+
 def layout_bytes(layout: Layout) -> int:
     """The bytes a layout spans."""
     return max((start + _aligned(nbytes(shape, dtype)) for _, dtype, shape, start in layout), default=0)
@@ -139,17 +145,12 @@ def max_bytes(specs: list[dict[str, Any]], dims: dict[str, int], dtypes: dict[st
     return total
 
 
-class Heap(Arena):
-    """Shared memory for whole results: a block per request, allocated here (first fit), written by
-    the workers in place (each its own rows) and handed to the caller as numpy arrays over it, no
-    copy. The block goes back when the last array over it dies (or at once, if the request failed,
-    once no worker still writes into it). Workers map it as a plain Arena (Arena.attach): they only
-    write into blocks the caller allocated."""
+class Blocks:
+    """First-fit allocation of aligned blocks in [0, size): offsets only, the memory is elsewhere."""
 
-    def __init__(self, size: int, *, name: str = "trtforge-results") -> None:
-        super().__init__(size, 1, name=name)
+    def __init__(self, size: int) -> None:
         self.lock = threading.Lock()
-        self.free_blocks: list[tuple[int, int]] = [(0, self.slot_bytes)]  # (offset, size), sorted
+        self.free_blocks: list[tuple[int, int]] = [(0, size)]  # (offset, size), sorted
         self.used: dict[int, int] = {}
 
     def allocate(self, size: int) -> int | None:
@@ -165,7 +166,7 @@ class Heap(Arena):
     def release(self, offset: int) -> None:
         with self.lock:
             size = self.used.pop(offset, None)
-            if size is None or self.memory is None:
+            if size is None:
                 return
             blocks = sorted([*self.free_blocks, (offset, size)])
             merged: list[tuple[int, int]] = []
@@ -176,11 +177,75 @@ class Heap(Arena):
                     merged.append((start, room))
             self.free_blocks = merged
 
+
+class Heap(Arena):
+    """Shared memory for whole results: a block per request, allocated here (first fit), written by
+    the workers in place (each its own rows) and handed to the caller as numpy arrays over it, no
+    copy. The block goes back when the last array over it dies (or at once, if the request failed,
+    once no worker still writes into it). Workers map it as a plain Arena (Arena.attach): they only
+    write into blocks the caller allocated."""
+
+    def __init__(self, size: int, *, name: str = "trtforge-results") -> None:
+        super().__init__(size, 1, name=name)
+        self.blocks = Blocks(self.slot_bytes)
+
+    def allocate(self, size: int) -> int | None:
+        return self.blocks.allocate(size)
+
+    def release(self, offset: int) -> None:
+        if self.memory is not None:
+            self.blocks.release(offset)
+
     def arrays(self, offset: int, layout: Layout) -> dict[str, np.ndarray]:
         """The block's arrays, all views of one root array that owns the block: the block is released
         when the root dies, that is when the caller has dropped every array (and view) of it."""
-        size = self.used[offset]
+        size = self.blocks.used[offset]
         root = np.frombuffer(memoryview(self.map)[offset:offset + size], dtype=np.uint8)
         weakref.finalize(root, self.release, offset)
         return {name: root[start:start + nbytes(shape, dtype)].view(dtype).reshape(shape)
                 for name, dtype, shape, start in layout}
+
+
+class DeviceHeap:
+    """A worker's results on its GPU (device outputs): one allocation the worker makes at start and
+    shares once (CUDA IPC, in its ready message), cut into blocks by the caller (one per chunk, when
+    it is dispatched), written by the worker (its copy finished before it answers) and handed to the
+    caller as tensors over the block, no copy and no IPC per chunk. The block goes back when the
+    last tensor (or view) over it dies: they all hold one owner object, whose death releases it."""
+
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory  # a uint8 CUDA tensor: the worker's allocation, mapped here
+        self.blocks = Blocks(memory.numel())
+
+    def allocate(self, size: int) -> int | None:
+        return self.blocks.allocate(size)
+
+    def release(self, offset: int) -> None:
+        self.blocks.release(offset)
+
+    def tensors(self, offset: int, layout: Layout) -> dict[str, Any]:
+        import torch
+
+        owner = _DeviceBlock(self.memory, offset, self.blocks.used[offset])
+        root = torch.as_tensor(owner, device=self.memory.device)  # holds `owner` until its storage dies
+        weakref.finalize(owner, self.release, offset)
+        del owner
+        return {name: root[start:start + nbytes(shape, dtype)].view(_torch_dtype(dtype)).view(shape)
+                for name, dtype, shape, start in layout}
+
+
+class _DeviceBlock:
+    """Device memory described for torch.as_tensor (__cuda_array_interface__): the tensor it makes
+    keeps this object alive for as long as any tensor over that memory lives, and this object keeps
+    the heap's mapping open."""
+
+    def __init__(self, memory: Any, offset: int, size: int) -> None:
+        self.memory = memory
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (memory.data_ptr() + offset, False),
+                                         "version": 3, "strides": None, "stream": None}  # written and synchronized
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

@@ -9,13 +9,19 @@ on the GPU (copies in, engine, copies out on a stream of their own) without wait
 thread waits for each chunk in turn, finishes it on the host and answers, while the GPU runs the
 next.
 
+For device outputs, a GPU worker allocates one device heap at start and shares it once (CUDA IPC, in
+its ready message); the caller gives each chunk a block of it, the worker copies the chunk's outputs
+there, and only their layout comes back (where the chunk got no block: its tensors, shared by CUDA
+IPC one by one).
+
 Messages in (its own pipe): ("run", request_id, chunk, slot, layout, target) | ("encode", request_id,
-chunk, slot, layout of the texts, None) | None to stop; target: (block, layout, span) of the
-request's results in the heap, or None.
+chunk, slot, layout of the texts, None) | None to stop; target: host outputs, (block, layout, span)
+of the request's results in the heap; device outputs, (offset, size) of the chunk's block in the
+device heap; or None.
 Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need):
 ("ready", worker, info) | ("failed", worker, message) when loading fails |
-("result", request_id, chunk, worker, ("heap", None) | ("shm", layout) | ("inline", outputs), timings) |
-("error", request_id, chunk, worker, message, timings).
+("result", request_id, chunk, worker, ("heap", None) | ("device-heap", layout) | ("shm", layout) |
+("inline", outputs), timings) | ("error", request_id, chunk, worker, message, timings).
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
-from trtforge.runtime.shm import Arena
+from trtforge.runtime.shm import Arena, nbytes, place
 from trtforge.tokens import TEXT_CONFIG, pool
 
 
 def serve(index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
-          requests: Any, responses: Any, warm: list[tuple[int, int]], arenas: tuple[Any, Any]) -> None:
+          requests: Any, responses: Any, warm: list[tuple[int, int]], arenas: tuple[Any, Any],
+          device_heap_bytes: int = 0) -> None:
     try:
         import torch
 
@@ -51,6 +58,8 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
         text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
         io = _DataPath(device, *(Arena.attach(a) if a is not None else None for a in arenas))
         io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
+        if outputs_on == "device" and io.on_gpu and device_heap_bytes:
+            io.allocate_device_heap(device_heap_bytes)
         for batch, length in warm:  # the shapes this workload will meet: set up before the first request
             feed = {spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
                     for spec in engine.inputs}
@@ -65,7 +74,8 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
     responses.send(("ready", index, {"pid": os.getpid(), "device": device, "backend": engine.backend,
                                     "profile": engine.profile, "load_s": round(loaded_s, 3),
                                     "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm),
-                                    "registered": io.registered}))
+                                    "registered": io.registered,
+                                    **({"device_heap": io.device_heap} if io.device_heap is not None else {})}))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read, args=(requests, inbox, io, text), daemon=True, name="trtforge-reader").start()
     answers = _Answers(index, responses, device)
@@ -195,6 +205,16 @@ class _DataPath:
 
             self.copies = torch.cuda.Stream()  # copies back to the host, beside the next chunk's engine
         self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs, heap) if a is not None)
+        self.device_heap: Any = None  # device outputs: chunks' blocks, allocated by the caller
+
+    def allocate_device_heap(self, size: int) -> None:
+        """The device heap, where this GPU has room for it (else device outputs cross one by one)."""
+        import torch
+
+        try:
+            self.device_heap = torch.empty(size, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            self.device_heap = None
 
     def run(self, engine: Any, arrays: dict[str, Any]) -> dict[str, Any]:
         """Arrays the worker made itself (text): through the staging buffers; outputs left on the device."""
@@ -235,7 +255,11 @@ class _DataPath:
         outputs = engine(feed, real_tokens=real)
         ended = self._mark()
         timings["launch_ms"] = 1e3 * (time.monotonic() - start)
-        if outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
+        placed = self.deliver_device(outputs, target) if outputs_on == "device" and self.on_gpu and target else None
+        if placed is not None:  # copied into the chunk's block of the device heap
+            ready, layout = placed
+            after = lambda: ("device-heap", layout)  # noqa: E731
+        elif outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
             shared = {k: v.contiguous() for k, v in outputs.items()}
             ready, after = self._mark(), lambda: ("inline", shared)
         elif target is not None:
@@ -267,6 +291,22 @@ class _DataPath:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def deliver_device(self, outputs: dict[str, Any], target: tuple[int, int]) -> tuple[Any, Any] | None:
+        """The chunk's device outputs copied (queued, on the engine's stream) into its block of the
+        device heap: the event the copies record and where they are in the block; None where they do
+        not fit (or have a dtype numpy cannot name, as bfloat16)."""
+        offset, size = target
+        try:
+            layout = place({k: (tuple(v.shape), _numpy_dtype(v)) for k, v in outputs.items()}, size)
+        except TypeError:
+            return None
+        if layout is None:
+            return None
+        for name, dtype, shape, start in layout:
+            begin = offset + start
+            self.device_heap[begin:begin + nbytes(shape, dtype)].view(outputs[name].dtype).view(shape).copy_(outputs[name])
+        return self._mark(), layout
 
     def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
