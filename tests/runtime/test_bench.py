@@ -43,9 +43,13 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
         row = report["results"]["runtime"]["1"][b]
         assert row["engine"]["p50_ms"] > 0
         assert row["overhead"]["ms"] == pytest.approx(row["single"]["p50_ms"] - row["engine"]["p50_ms"], abs=1e-3)
+        # and the same with the engine in the bench's own process (Runtime(in_process=True))
+        local = row["single_in_process"]
+        assert local["time_breakdown_ms"]["chunks"] > 0 and local["time_breakdown_ms"]["queue_ms"] < 1.0
+        assert row["overhead_in_process"]["ms"] == pytest.approx(local["p50_ms"] - row["engine"]["p50_ms"], abs=1e-3)
     summary = (bench_dir / "bench.md").read_text()
     assert "Scaling efficiency" in summary and "runtime / DDP" in summary
-    assert "Runtime overhead" in summary and "Where the time goes" in summary
+    assert "Runtime overhead" in summary and "Where the time goes" in summary and "in-process p50" in summary
 
 
 def test_bench_rejects_bad_batches(tmp_path):

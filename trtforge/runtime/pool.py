@@ -37,7 +37,7 @@ import numpy as np
 
 from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, resolve_devices,
-                                        start_worker, stop_workers, wait_ready)
+                                        start_in_process, start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
 from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes
 from trtforge.store import read_manifest
@@ -59,12 +59,17 @@ class Runtime:
     the runtime is ready, so first requests do not pay the engine's per-shape set-up; `rt.startup_s`
     says how long start-up took. Inputs are read when their chunk is sent to a worker: do not change
     arrays passed to submit() until its future is done.
+
+    `in_process=True` (one device only): the engine runs in this process, in the thread that
+    submits (submit() returns once the request is done), for the lowest latency of one request at a
+    time; it gives up the worker process's isolation (an engine crash takes the caller down) and the
+    overlap of the caller's work with the engine's. Several caller threads take turns on the engine.
     """
 
     def __init__(self, artifact: str | Path, devices: str | int | Sequence[int | str] = "all", *,
                  backend: str | None = None, outputs: Literal["host", "device"] = "host",
                  batching: Literal["length", "fixed"] | None = None, warm: Sequence[tuple[int, int]] = (),
-                 timeout_s: float = 60.0, start_timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 60.0, start_timeout_s: float = 600.0, in_process: bool = False) -> None:
         import torch.multiprocessing as tmp
 
         started = time.perf_counter()
@@ -85,6 +90,9 @@ class Runtime:
                              "or batching='fixed'")
         self.text = _text_config(self.artifact, manifest)
         self.devices = resolve_devices(devices)
+        if in_process and len(self.devices) != 1:
+            raise ValueError(f"in_process=True runs one device, got {len(self.devices)}; serve several devices "
+                             "with worker processes (in_process=False, the default)")
         self._requests: dict[int, Request] = {}
         self._pending: collections.deque[Chunk] = collections.deque()
         self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
@@ -98,21 +106,26 @@ class Runtime:
         # Device outputs: each worker's device heap holds as many rounds of its slots' results.
         largest_chunk = self._chunk_output_bytes(self.max_batch, self.profile.get("sequence", (1, 1, 1))[2])
         device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
-        context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
-        self._workers: list[Worker] = [
-            start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
-                          input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
-                          device_heap_bytes=device_heap_bytes)
-            for index, device in enumerate(self.devices)]
-        try:
-            wait_ready(self._workers, start_timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        for worker in self._workers:
-            worker.receiver = threading.Thread(target=self._receive, args=(worker,), daemon=True,
-                                               name=f"trtforge-receiver-{worker.index}")
-            worker.receiver.start()
+        if in_process:
+            self._workers: list[Worker] = [
+                start_in_process(0, self.devices[0], str(self.artifact), backend=backend, outputs=outputs, warm=warm,
+                                 input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap)]
+        else:
+            context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
+            self._workers = [
+                start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
+                             input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
+                             device_heap_bytes=device_heap_bytes)
+                for index, device in enumerate(self.devices)]
+            try:
+                wait_ready(self._workers, start_timeout_s)
+            except BaseException:
+                self.close()
+                raise
+            for worker in self._workers:
+                worker.receiver = threading.Thread(target=self._receive, args=(worker,), daemon=True,
+                                                   name=f"trtforge-receiver-{worker.index}")
+                worker.receiver.start()
         self._watcher = threading.Thread(target=self._watch, name="trtforge-watcher", daemon=True)
         self._watcher.start()
         self.startup_s = round(time.perf_counter() - started, 3)
@@ -279,6 +292,10 @@ class Runtime:
         request.queued[chunk.index] = time.monotonic()
         with request.lock:
             request.in_flight += 1
+        if worker.local is not None:  # run here, now; the dispatch loop that called goes on after it
+            self._handle(worker, worker.local.handle((kind, chunk.request_id, chunk.index, slot, layout, target)),
+                         dispatch=False)
+            return
         try:
             with worker.send_lock:
                 worker.requests.send((kind, chunk.request_id, chunk.index, slot, layout, target))
@@ -305,7 +322,7 @@ class Runtime:
             self._handle(worker, message)
         self._exited(worker)
 
-    def _handle(self, worker: Worker, message: tuple) -> None:
+    def _handle(self, worker: Worker, message: tuple, *, dispatch: bool = True) -> None:
         kind, request_id, chunk, _, payload, timings = message
         with self._lock:
             slot, sent = worker.outstanding.pop((request_id, chunk), (None, None))
@@ -328,7 +345,8 @@ class Runtime:
             if slot is not None:
                 with self._lock:
                     worker.free.append(slot)
-            self._dispatch()
+            if dispatch:
+                self._dispatch()
 
     def _take(self, request: Request, chunk: int, worker: Worker, slot: int | None, payload: tuple) -> None:
         """One chunk's outputs into the request's results: nothing to do where the worker wrote its
@@ -509,6 +527,8 @@ def groups(rows: int, workers: int, lengths: np.ndarray | None,
     rows sorted by length and each chunk cut to its longest (bucketed) where `lengths`."""
     lo_batch, _, max_batch = profile["batch"]
     count = max(math.ceil(rows / max_batch), min(workers, max(1, rows // lo_batch)))
+    if count == 1:  # the whole request, rows in place: no reordering (its results go straight where they belong)
+        return [(slice(0, rows), None if lengths is None else bucket_for(int(lengths.max()), profile["sequence"]))]
     order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(rows)
     result: list[tuple[Any, int | None]] = []
     start = 0

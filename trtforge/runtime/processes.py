@@ -47,6 +47,7 @@ class Worker:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     receiver: threading.Thread | None = None
     device_heap: DeviceHeap | None = None  # device outputs: the worker's results memory, mapped here
+    local: Any = None  # in-process (worker.InProcess): no process, no pipes; chunks run in the sender's thread
 
 
 def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
@@ -98,6 +99,22 @@ def start_worker(index: int, device: str, artifact: str, *, backend: str | None,
     return Worker(index, device, process, requests_writer, reader, inputs, outputs_arena)
 
 
+def start_in_process(index: int, device: str, artifact: str, *, backend: str | None, outputs: str,
+                     warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None) -> Worker:
+    """A worker in the caller's own process (see worker.InProcess), over the same kind of slots."""
+    from trtforge.runtime.worker import InProcess
+
+    inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
+    outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
+    try:
+        local = InProcess(index, artifact, device, backend, outputs, [tuple(w) for w in warm], inputs, outputs_arena, heap)
+    except Exception as e:
+        inputs.close()
+        outputs_arena.close()
+        raise WorkerError(f"could not load the engine for {device}: {type(e).__name__}: {e}") from e
+    return Worker(index, device, None, None, None, inputs, outputs_arena, info=local.info, local=local)
+
+
 def wait_ready(workers: list[Worker], timeout_s: float) -> None:
     """Until every worker has loaded its engine (and warmed its shapes), or the first failure."""
     from multiprocessing.connection import wait
@@ -127,7 +144,13 @@ def wait_ready(workers: list[Worker], timeout_s: float) -> None:
 
 def stop_workers(workers: list[Worker]) -> None:
     """Idle workers are asked to exit and get one grace period (for all of them together); busy,
-    stopped or slow ones are killed. Then their pipes and slots are closed."""
+    stopped or slow ones are killed. Then their pipes and slots are closed (in-process workers:
+    their engine and slots)."""
+    for worker in [w for w in workers if w.local is not None]:
+        worker.local.close()
+        worker.inputs.close()
+        worker.outputs.close()
+    workers = [w for w in workers if w.local is None]
     for worker in workers:
         if worker.process.is_alive() and not worker.outstanding and worker.send_lock.acquire(timeout=1):
             try:

@@ -45,36 +45,19 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
     try:
         import torch
 
-        import trtforge
-
         # Few CPU threads: the worker's CPU work (scattering result rows) is small, and one pool of all
         # cores per worker, one worker per GPU, thrashes (10x slower scatters measured on 4 GPUs).
         torch.set_num_threads(1 if device == "cpu" else WORKER_THREADS)
         if device != "cpu" and torch.cuda.is_available():  # (without CUDA, loading says why this engine cannot run here)
             torch.cuda.set_device(device)  # every context, stream and registration on this worker's GPU
-        start = time.perf_counter()
-        engine = trtforge.load(artifact, device, backend_name=backend_name)
-        loaded_s = time.perf_counter() - start
-        text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
-        io = _DataPath(device, *(Arena.attach(a) if a is not None else None for a in arenas))
-        io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
+        engine, text, io, info = _set_up(artifact, device, backend_name, warm,
+                                         *(Arena.attach(a) if a is not None else None for a in arenas))
         if outputs_on == "device" and io.on_gpu and device_heap_bytes:
             io.allocate_device_heap(device_heap_bytes)
-        for batch, length in warm:  # the shapes this workload will meet: set up before the first request
-            feed = {spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
-                    for spec in engine.inputs}
-            engine(feed)  # by size alone: the padding-free graph where it may serve this shape
-            if device != "cpu":  # full rows: the fused graph (a CPU engine has one graph)
-                engine(feed, real_tokens=batch * length)
-        if device != "cpu":
-            torch.cuda.synchronize()
     except Exception as e:  # reported to the parent, which raises it to the caller
         responses.send(("failed", index, f"{type(e).__name__}: {e}"))
         return
-    responses.send(("ready", index, {"pid": os.getpid(), "device": device, "backend": engine.backend,
-                                    "profile": engine.profile, "load_s": round(loaded_s, 3),
-                                    "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm),
-                                    "registered": io.registered,
+    responses.send(("ready", index, {**info, "pid": os.getpid(),
                                     **({"device_heap": io.device_heap} if io.device_heap is not None else {})}))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read, args=(requests, inbox, io, text), daemon=True, name="trtforge-reader").start()
@@ -112,6 +95,91 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
 WORKER_THREADS = 4
 
 
+def _set_up(artifact: str, device: str, backend_name: str | None, warm: list[tuple[int, int]],
+            inputs: Arena, outputs: Arena, heap: Arena | None) -> tuple[Any, TextEncoder | None, _DataPath, dict]:
+    """The engine loaded (through the checked loader), the text encoder where the artifact has a
+    tokenizer, the data path over the arenas, and each warm shape run once: (engine, text, io, info)."""
+    import trtforge
+
+    start = time.perf_counter()
+    engine = trtforge.load(artifact, device, backend_name=backend_name)
+    loaded_s = time.perf_counter() - start
+    text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
+    io = _DataPath(device, inputs, outputs, heap)
+    io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
+    for batch, length in warm:  # the shapes this workload will meet: set up before the first request
+        feed = {spec["name"]: io.staging.to_device(spec["name"], _warm_input(spec, batch, length), device)
+                for spec in engine.inputs}
+        engine(feed)  # by size alone: the padding-free graph where it may serve this shape
+        if io.on_gpu:  # full rows: the fused graph (a CPU engine has one graph)
+            engine(feed, real_tokens=batch * length)
+    if io.on_gpu:
+        import torch
+
+        torch.cuda.synchronize()
+    info = {"device": device, "backend": engine.backend, "profile": engine.profile, "load_s": round(loaded_s, 3),
+            "warm_s": round(time.perf_counter() - start - loaded_s, 3), "warmed": len(warm), "registered": io.registered}
+    return engine, text, io, info
+
+
+class InProcess:
+    """A worker's work done in the caller's own process, in the thread that sends the chunk
+    (Runtime(in_process=True)): the same engine, data path and answers as a worker process, without
+    the two pipes and the thread hand-offs on each side, for the lowest latency of one request at a
+    time on one device. What it gives up: a crash in the engine takes the caller with it, and the
+    caller's own work does not overlap the engine's. Chunks run one at a time (a lock)."""
+
+    def __init__(self, index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
+                 warm: list[tuple[int, int]], inputs: Arena, outputs: Arena, heap: Arena | None) -> None:
+        self.index, self.device, self.outputs_on = index, device, outputs_on
+        self.lock = threading.Lock()
+        with self._on_device():
+            self.engine, self.text, self.io, self.info = _set_up(artifact, device, backend_name, warm, inputs, outputs, heap)
+        self.info["pid"] = os.getpid()
+
+    def _on_device(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.device == "cpu" or not torch.cuda.is_available():  # (without CUDA, loading says why)
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)  # the caller's current device is left as it was
+
+    def handle(self, message: tuple) -> tuple:
+        """A request message, answered as a worker process would answer it."""
+        kind, request_id, chunk, slot, layout, target = message
+        timings: dict[str, float] = {"received": time.monotonic()}
+        with self.lock, self._on_device():
+            try:
+                if kind == "encode":
+                    if self.text is None:
+                        raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
+                    prepared = self.text.prepare(self.io.inputs.read_texts(slot, layout))
+                    result = self.io.reply(slot, self.text.finish(prepared, lambda arrays: self.io.run(self.engine, arrays)))
+                    timings["worker_ms"] = 1e3 * (time.monotonic() - timings["received"])
+                else:
+                    result = self.io.serve(self.engine, slot, self.io.prepare(slot, layout), self.outputs_on, timings, target)
+                    if callable(result):  # queued on the GPU: wait for it here
+                        result = result()
+            except Exception as e:  # one bad request fails only itself
+                return ("error", request_id, chunk, self.index, _describe(e), timings)
+        timings["sent"] = time.monotonic()
+        return ("result", request_id, chunk, self.index, result, timings)
+
+    def close(self) -> None:
+        with self.lock, self._on_device():
+            self.engine.close()
+            self.io.close()
+
+
+def _describe(e: Exception) -> str:
+    """An error as one line for the caller: its type, first line and where it was raised."""
+    where = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else "reader"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first} [{where}]"
+
+
 class _Answers:
     """The worker's answers, from the main thread or from the writer thread, which finishes the
     chunks the main thread has queued on the GPU (waiting for each, then scattering its rows where
@@ -130,10 +198,8 @@ class _Answers:
             self.responses.send(("result", request_id, chunk, self.index, result, timings))
 
     def error(self, request_id: int, chunk: int, e: Exception, timings: dict[str, float]) -> None:
-        where = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else "reader"
-        first = str(e).splitlines()[0] if str(e) else ""
         with self.lock:
-            self.responses.send(("error", request_id, chunk, self.index, f"{type(e).__name__}: {first} [{where}]", timings))
+            self.responses.send(("error", request_id, chunk, self.index, _describe(e), timings))
 
     def later(self, request_id: int, chunk: int, finish: Any, timings: dict[str, float]) -> None:
         self.queue.put((request_id, chunk, finish, timings))
