@@ -90,7 +90,7 @@ def test_runtime_pipelined_on_gpu_gives_each_request_its_own_results(minilm):
     """Many requests in flight at once through one GPU worker (runs asynchronous, copies back on
     their own stream, slots and heap blocks reused while earlier results are still held): each
     result equals the engine's own output for that request, with host and with device outputs (held
-    until the last one is back, so that blocks still in use are never handed out again)."""
+    until the last one is back, so that blocks still in use are never handed out again), and in-process."""
     from trtforge.runtime import Runtime
 
     rng = np.random.default_rng(0)
@@ -105,6 +105,8 @@ def test_runtime_pipelined_on_gpu_gives_each_request_its_own_results(minilm):
               for r in requests]
     with Runtime(minilm, devices=[0], timeout_s=120) as rt:
         held = [f.result(timeout=120)["last_hidden_state"] for f in [rt.submit(r) for r in requests]]
+    with Runtime(minilm, devices=[0], in_process=True, timeout_s=120) as rt:  # the same, in this process
+        local = [rt.run(r)["last_hidden_state"] for r in requests]
     with Runtime(minilm, devices=[0], outputs="device", timeout_s=120) as rt:
         heap = rt._workers[0].device_heap
         assert heap is not None  # mapped once, at start
@@ -116,10 +118,11 @@ def test_runtime_pipelined_on_gpu_gives_each_request_its_own_results(minilm):
 
         gc.collect()
         assert not heap.blocks.used  # every block back once its tensors died
-    for feed, expected, host, device in zip(requests, direct, held, on_device):
+    for feed, expected, host, device, mine in zip(requests, direct, held, on_device, local):
         real = feed["attention_mask"].astype(bool)
         np.testing.assert_allclose(host[real], expected[real], atol=2e-2, rtol=2e-2)
         assert not host[~real].any()  # padded positions zeroed
+        np.testing.assert_allclose(mine, host, atol=1e-3, rtol=1e-3)  # in-process: the same engine and data path
         np.testing.assert_allclose(device[real], expected[real], atol=2e-2, rtol=2e-2)
 
 

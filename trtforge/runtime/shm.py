@@ -15,6 +15,7 @@ system when the last process that maps it exits. A GPU worker registers its aren
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -230,7 +231,7 @@ class DeviceHeap:
         root = torch.as_tensor(owner, device=self.memory.device)  # holds `owner` until its storage dies
         weakref.finalize(owner, self.release, offset)
         del owner
-        return {name: root[start:start + nbytes(shape, dtype)].view(_torch_dtype(dtype)).view(shape)
+        return {name: root[start:start + nbytes(shape, dtype)].view(torch_dtype(dtype)).view(shape)
                 for name, dtype, shape, start in layout}
 
 
@@ -245,7 +246,9 @@ class _DeviceBlock:
                                          "version": 3, "strides": None, "stream": None}  # written and synchronized
 
 
-def _torch_dtype(dtype: str) -> Any:
+@functools.lru_cache(maxsize=None)
+def torch_dtype(dtype: str) -> Any:
+    """The torch dtype of a numpy dtype string ('<i8' -> torch.int64)."""
     import torch
 
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
-from trtforge.runtime.shm import Arena, nbytes, place
+from trtforge.runtime.shm import Arena, layout_bytes, nbytes, place, torch_dtype
 from trtforge.tokens import TEXT_CONFIG, pool
 
 
@@ -300,8 +300,11 @@ class _DataPath:
         real = real_tokens(views)
         if not self.on_gpu:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
-        elif self.registered:
-            feed = {name: torch.from_numpy(view).to(self.device, non_blocking=True) for name, view in views.items()}
+        elif self.registered:  # one copy of the slot's bytes, the inputs as views of it on the device
+            base = slot * self.inputs.slot_bytes
+            raw = torch.from_numpy(self.inputs.memory[base:base + layout_bytes(layout)]).to(self.device, non_blocking=True)
+            feed = {name: raw[at:at + nbytes(shape, dtype)].view(torch_dtype(dtype)).view(shape)
+                    for name, dtype, shape, at in layout if name in views}
         else:
             feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
         return feed, rows, real, 1e3 * (time.monotonic() - start)
