@@ -15,7 +15,10 @@ place. For host outputs, each request gets a block of the heap when its first ch
 (requests waiting for a free slot hold none), the workers write their rows of the result straight
 into it (padding zeroed, in input order), and the caller hands out numpy arrays over the block: no
 copy on the caller's side, whatever the size of the outputs; the block returns to the heap when
-those arrays die. Only descriptors cross the pipes; one receiver thread per worker takes them.
+those arrays die. For device outputs, each GPU worker has a device heap, shared once at start (CUDA
+IPC); each chunk gets a block of it, which the caller hands out as tensors. Only descriptors cross the
+pipes; one receiver thread per worker takes them. With in_process=True (one device) the worker's
+engine and data path run in this process, in the submitting thread, and nothing crosses a pipe.
 
 Errors in a worker reach the caller as WorkerError (WorkerDied, RequestTimeout); the other workers
 keep serving; nothing waits forever. Any number of caller threads may submit at once; the runtime
