@@ -97,6 +97,8 @@ def test_text_in_embeddings_out_match_sentence_transformers_pooling(tmp_path):
                  "Another one.", "Real text is short; padding is where the time goes.", "Hi"] * 3
     with Runtime(artifact, devices=2, timeout_s=120) as rt:
         embedded = rt.encode(sentences)["embedding"]
+    with Runtime(artifact, devices=1, in_process=True, timeout_s=120) as rt:  # tokenized and pooled in this process
+        np.testing.assert_allclose(rt.encode(sentences)["embedding"], embedded, atol=1e-5)
 
     expected = minilm_sentence_embeddings(sentences)
     assert embedded.shape == (18, 384)
