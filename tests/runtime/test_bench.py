@@ -30,6 +30,7 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
             row = report["results"]["runtime"][n][b]
             assert row["throughput"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
             assert row["callers"] == 2
+            assert row["caller_cpu_ms_per_request"] > 0 and row["caller_cpu_percent"] > 0
             # Where the time went, per chunk, phase by phase (medians), pipelined and one at a time.
             for breakdown in (row["time_breakdown_ms"], row["single"]["time_breakdown_ms"]):
                 assert breakdown["chunks"] > 0 and breakdown["engine_ms"] > 0 and breakdown["queue_ms"] >= 0
@@ -50,6 +51,7 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
     summary = (bench_dir / "bench.md").read_text()
     assert "Scaling efficiency" in summary and "runtime / DDP" in summary
     assert "Runtime overhead" in summary and "Where the time goes" in summary and "in-process p50" in summary
+    assert "| caller CPU |" in summary
 
 
 def test_bench_rejects_bad_batches(tmp_path):

@@ -156,16 +156,19 @@ def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: in
 
     shares = [iterations // callers + (i < iterations % callers) for i in range(callers)]
     threads = [threading.Thread(target=caller, args=(share, max(1, depth // callers))) for share in shares]
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - begin
+    elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu
     if errors:
         raise errors[0]
     rows = len(next(iter(feed.values())))
-    return {"throughput": round(rows * iterations / elapsed, 1), "callers": callers, **percentiles(latencies)}
+    # The caller process's CPU (every thread: submitting, receiving, dispatching) per request and as a
+    # share of the wall time: near 100% (one GIL), the caller is what limits the throughput.
+    caller = {"caller_cpu_ms_per_request": round(1e3 * cpu / iterations, 4), "caller_cpu_percent": round(100 * cpu / elapsed, 1)}
+    return {"throughput": round(rows * iterations / elapsed, 1), "callers": callers, **caller, **percentiles(latencies)}
 
 
 def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, backend: str | None,
@@ -455,12 +458,16 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{row['overhead']['ms']:.3f} | {row['overhead']['percent']:.1f} | {local} |")
     phases = ("enqueue_ms", "queue_ms", "inputs_ms", "launch_ms", "engine_ms", "outputs_ms", "return_ms")
     lines += ["", "## Where the time goes (runtime, pipelined; median ms per chunk)", "",
-              "| devices | batch | " + " | ".join(p[:-3] for p in phases) + " |", "|---|---|" + "---|" * len(phases)]
+              "caller CPU: the caller process's CPU time over the wall time of the run (all its threads; near "
+              "100%, its one GIL is the limit).", "",
+              "| devices | batch | " + " | ".join(p[:-3] for p in phases) + " | caller CPU |",
+              "|---|---|" + "---|" * (len(phases) + 1)]
     for n, per_batch in sorted(r["runtime"].items(), key=lambda kv: int(kv[0])):
         for b, row in per_batch.items():
             breakdown = row.get("time_breakdown_ms", {})
             if breakdown.get("chunks"):
-                lines.append(f"| {n} | {b} | " + " | ".join(str(breakdown.get(p, "–")) for p in phases) + " |")
+                busy = f"{row['caller_cpu_percent']}%" if "caller_cpu_percent" in row else "–"
+                lines.append(f"| {n} | {b} | " + " | ".join(str(breakdown.get(p, "–")) for p in phases) + f" | {busy} |")
     lines += ["", "## Ratios", "", "| devices | per-device batch | runtime / DDP throughput | runtime / DDP length-sorted |",
               "|---|---|---|---|"]
     for n, per_batch in r["ddp"].items():
