@@ -77,6 +77,8 @@ def test_in_process_serves_one_device_only(artifact):
         Runtime(artifact, devices=2, in_process=True)
 
 
-def test_in_process_engine_that_cannot_load_fails_at_start(artifact):
+def test_in_process_engine_that_cannot_load_fails_at_start_and_leaves_nothing_open(artifact):
+    before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(WorkerError, match="could not load the engine for cuda:0: CompatibilityError"):
         Runtime(artifact, devices=["cuda:0"], in_process=True)
+    assert set(os.listdir("/proc/self/fd")) == before  # its slots' and results heap's memfds closed

@@ -110,9 +110,13 @@ class Runtime:
         largest_chunk = self._chunk_output_bytes(self.max_batch, self.profile.get("sequence", (1, 1, 1))[2])
         device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
         if in_process:
-            self._workers: list[Worker] = [
-                start_in_process(0, self.devices[0], str(self.artifact), backend=backend, outputs=outputs, warm=warm,
-                                 input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap)]
+            try:
+                self._workers: list[Worker] = [
+                    start_in_process(0, self.devices[0], str(self.artifact), backend=backend, outputs=outputs,
+                                     warm=warm, input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap)]
+            except BaseException:
+                self.close()  # the results heap
+                raise
         else:
             context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
             self._workers = [
