@@ -285,3 +285,15 @@ def test_a_chunks_rows_are_copied_in_runs_of_consecutive_result_rows():
     assert _runs(np.array([0, 1, 2, 3])) == [(0, 4, 0)]
     assert _runs(np.array([2, 3, 7, 8, 9, 12])) == [(2, 4, 0), (7, 10, 2), (12, 13, 5)]
     assert _runs(np.array([5])) == [(5, 6, 0)]
+
+
+def test_the_device_heap_is_capped_at_a_share_of_free_device_memory():
+    """Rounds of every slot's largest outputs, unless that is more than a tenth of the free device
+    memory (a decoder's logits: 64 x 512 x 32000 x 4 bytes a chunk, 33 GB for eight): then a tenth,
+    and chunks that do not fit cross by CUDA IPC."""
+    from trtforge.runtime.worker import device_heap_bytes
+
+    gib = 1 << 30
+    assert device_heap_bytes(800 * (1 << 20), 120 * gib) == 800 * (1 << 20)  # MiniLM on an H200: as asked
+    assert device_heap_bytes(8 * 64 * 512 * 32000 * 4, 60 * gib) == 6 * gib
+    assert device_heap_bytes(gib, 0) == 0  # no room: no heap

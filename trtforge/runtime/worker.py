@@ -274,11 +274,13 @@ class _DataPath:
         self.device_heap: Any = None  # device outputs: chunks' blocks, allocated by the caller
 
     def allocate_device_heap(self, size: int) -> None:
-        """The device heap, where this GPU has room for it (else device outputs cross one by one)."""
+        """The device heap, at most a share of the GPU's free memory once the engine is loaded and
+        warm (see device_heap_bytes); without room for it, device outputs cross one by one."""
         import torch
 
+        size = device_heap_bytes(size, torch.cuda.mem_get_info(self.device)[0])
         try:
-            self.device_heap = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self.device_heap = torch.empty(size, dtype=torch.uint8, device=self.device) if size else None
         except torch.OutOfMemoryError:
             self.device_heap = None
 
@@ -470,6 +472,15 @@ class _DataPath:
 
 
 MAX_RUNS = 4  # copies straight into the result block per output, before the host scatters instead
+DEVICE_HEAP_SHARE = 0.1  # of the GPU's free memory at most, for the device heap
+
+
+def device_heap_bytes(wanted: int, free: int) -> int:
+    """The device heap's size: what the runtime asks for (rounds of every slot's largest outputs),
+    capped at DEVICE_HEAP_SHARE of the free device memory, so that a model with large outputs (a
+    decoder's logits over its vocabulary) leaves the engine room to run; chunks whose outputs do not
+    fit what is left of it cross by CUDA IPC instead."""
+    return max(0, min(wanted, int(free * DEVICE_HEAP_SHARE)))
 
 
 def _runs(rows: Any) -> list[tuple[int, int, int]]:
