@@ -297,3 +297,16 @@ def test_the_device_heap_is_capped_at_a_share_of_free_device_memory():
     assert device_heap_bytes(800 * (1 << 20), 120 * gib) == 800 * (1 << 20)  # MiniLM on an H200: as asked
     assert device_heap_bytes(8 * 64 * 512 * 32000 * 4, 60 * gib) == 6 * gib
     assert device_heap_bytes(gib, 0) == 0  # no room: no heap
+
+
+def test_the_results_heap_is_capped_at_a_share_of_the_machines_memory():
+    """Two rounds of every slot's largest results (MiniLM on 4 GPUs: 1.6 GB, as asked on a 256 GB
+    host), unless that is more than a quarter of the machine's memory (a decoder's logits on 4 GPUs:
+    134 GB): then a quarter, and the results past it are copied."""
+    from trtforge.runtime.pool import host_heap_bytes
+
+    gib = 1 << 30
+    minilm = 2 * 4 * 4 * 128 * 256 * 384 * 4
+    assert host_heap_bytes(minilm, 256 * gib) == minilm
+    assert host_heap_bytes(2 * 4 * 4 * 64 * 512 * 32000 * 4, 256 * gib) == 64 * gib
+    assert host_heap_bytes(minilm, 0) > 0  # never empty: a heap of one aligned block

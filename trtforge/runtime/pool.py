@@ -105,7 +105,8 @@ class Runtime:
         input_bytes, output_bytes = self._slot_bytes()
         # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
         # results twice over (those in flight, those the caller still holds); past that, copies.
-        self._heap = Heap(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes) if outputs == "host" else None
+        self._heap = (Heap(host_heap_bytes(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes, _physical_memory()))
+                      if outputs == "host" else None)
         # Device outputs: each worker's device heap holds as many rounds of its slots' results.
         largest_chunk = self._chunk_output_bytes(self.max_batch, self.profile.get("sequence", (1, 1, 1))[2])
         device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
@@ -520,6 +521,23 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+HOST_HEAP_SHARE = 0.25  # of the machine's memory at most, for the results heap
+
+
+def host_heap_bytes(wanted: int, memory: int) -> int:
+    """The results heap's size: rounds of every slot's largest results, capped at HOST_HEAP_SHARE
+    of the machine's memory (GPU workers page-lock all of it), so that a model with large outputs (a
+    decoder's logits over its vocabulary) does not ask for more than the host has; requests whose
+    results do not fit what is left of it get copies instead."""
+    return max(ALIGN, min(wanted, int(memory * HOST_HEAP_SHARE)))
+
+
+def _physical_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_batching(outputs: str) -> str:
