@@ -116,3 +116,20 @@ def test_eight_workers_share_a_batch(artifact):
         out = rt.run(batch, timeout=60)["logits"]
         assert all(w["alive"] for w in rt.workers)
     np.testing.assert_allclose(out, expected(artifact, batch), rtol=1e-3, atol=1e-3)
+
+
+def test_cpu_workers_share_the_cores_instead_of_each_taking_all_of_them(artifact):
+    """Each CPU worker is confined to its own share of the caller's cores, so that its engine runs
+    that many threads (benchmarks/results/cpu-workers.md: what it changed); GPU workers are not pinned."""
+    from trtforge.runtime.processes import cpu_shares
+
+    assert cpu_shares(["cpu", "cpu"], [0, 1, 2, 3]) == [(0, 1), (2, 3)]
+    assert cpu_shares(["cpu"] * 3, [0, 1]) == [(0,), (1,), (0,)]  # more workers than cores: one each
+    assert cpu_shares(["cuda:0", "cuda:1"], [0, 1]) == [None, None]
+    mine = sorted(os.sched_getaffinity(0))
+    with Runtime(artifact, devices=2, timeout_s=30) as rt:
+        pinned = [os.sched_getaffinity(w["pid"]) for w in rt.workers]
+        assert rt.run(feed(3))["logits"].shape == (3, 2)
+    assert pinned == [set(share) for share in cpu_shares(["cpu", "cpu"], mine)]
+    if len(mine) >= 2:
+        assert not pinned[0] & pinned[1]

@@ -26,6 +26,7 @@ next batch while this one runs.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -203,6 +204,9 @@ def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if device == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        if cores < (os.cpu_count() or cores):  # confined to a share of the machine (a runtime's CPU worker)
+            options.intra_op_num_threads = cores
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ort.preload_dlls()  # the CUDA and cuDNN libraries that torch's wheels carry
     # Kernels are launched from the calling thread; a pool of spinning CPU threads per session (one

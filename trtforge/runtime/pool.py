@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -39,8 +40,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from trtforge.runtime.batching import bucket_for, real_lengths
-from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, resolve_devices,
-                                        start_in_process, start_worker, stop_workers, wait_ready)
+from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, cpu_shares,
+                                        resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
 from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes
 from trtforge.store import read_manifest
@@ -120,10 +121,11 @@ class Runtime:
                 raise
         else:
             context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
+            shares = cpu_shares(self.devices, os.sched_getaffinity(0))
             self._workers = [
                 start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
                              input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
-                             device_heap_bytes=device_heap_bytes)
+                             device_heap_bytes=device_heap_bytes, cores=shares[index])
                 for index, device in enumerate(self.devices)]
             try:
                 wait_ready(self._workers, start_timeout_s)
@@ -535,8 +537,6 @@ def host_heap_bytes(wanted: int, memory: int) -> int:
 
 
 def _physical_memory() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

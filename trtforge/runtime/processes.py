@@ -74,12 +74,29 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
     return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
 
 
+def cpu_shares(devices: Sequence[str], cores: Sequence[int]) -> list[tuple[int, ...] | None]:
+    """Each CPU worker's share of the caller's cores (None for GPU workers): disjoint, as even as
+    they divide, one core each (round robin) where there are more workers than cores. A CPU engine
+    then runs as many threads as its share (onnxruntime sizes its pool from the worker's affinity),
+    instead of every worker running one thread per core of the machine."""
+    workers = [i for i, device in enumerate(devices) if device == "cpu"]
+    shares: list[tuple[int, ...] | None] = [None] * len(devices)
+    cores = sorted(cores)
+    if not workers or not cores:
+        return shares
+    size = max(1, len(cores) // len(workers))
+    for rank, i in enumerate(workers):
+        start = rank * size if len(workers) <= len(cores) else rank % len(cores)
+        shares[i] = tuple(cores[start:start + size])
+    return shares
+
+
 CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the runtime closes
 
 
 def start_worker(index: int, device: str, artifact: str, *, backend: str | None, outputs: str,
                  warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None,
-                 context: Any, device_heap_bytes: int = 0) -> Worker:
+                 context: Any, device_heap_bytes: int = 0, cores: tuple[int, ...] | None = None) -> Worker:
     """One worker process for `device`, with its input and output slots and its two pipes (and, for
     device outputs on a GPU, a device heap of `device_heap_bytes`, which the worker allocates)."""
     inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
@@ -92,7 +109,7 @@ def start_worker(index: int, device: str, artifact: str, *, backend: str | None,
                               args=(index, artifact, device, backend, outputs, requests_reader, writer,
                                     [tuple(w) for w in warm],
                                     (inputs.handle(), outputs_arena.handle(), heap.handle() if heap is not None else None),
-                                    device_heap_bytes))
+                                    device_heap_bytes, cores))
     process.start()
     writer.close()  # the worker holds the only write end: its exit shows as EOF here
     requests_reader.close()

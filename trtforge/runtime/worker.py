@@ -41,8 +41,10 @@ from trtforge.tokens import TEXT_CONFIG, pool
 
 def serve(index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
           requests: Any, responses: Any, warm: list[tuple[int, int]], arenas: tuple[Any, Any],
-          device_heap_bytes: int = 0) -> None:
+          device_heap_bytes: int = 0, cores: tuple[int, ...] | None = None) -> None:
     try:
+        if cores:  # a CPU worker's share of the cores: its engine's threads stay there (see cpu_shares)
+            os.sched_setaffinity(0, cores)
         import torch
 
         # Few CPU threads: the worker's CPU work (scattering result rows) is small, and one pool of all
