@@ -133,3 +133,12 @@ def test_cpu_workers_share_the_cores_instead_of_each_taking_all_of_them(artifact
     assert pinned == [set(share) for share in cpu_shares(["cpu", "cpu"], mine)]
     if len(mine) >= 2:
         assert not pinned[0] & pinned[1]
+
+
+def test_where_the_platform_cannot_pin_cpu_workers_are_left_unpinned(artifact, monkeypatch):
+    """macOS has no sched_setaffinity: the runtime starts and serves with its workers unpinned."""
+    monkeypatch.delattr(os, "sched_setaffinity")
+    everything = os.sched_getaffinity(0)
+    with Runtime(artifact, devices=2, timeout_s=30) as rt:
+        assert rt.run(feed(3))["logits"].shape == (3, 2)
+        assert [os.sched_getaffinity(w["pid"]) for w in rt.workers] == [everything, everything]

@@ -204,7 +204,7 @@ def _session(path: Path, *, device: str, static_shapes: dict[str, tuple[int, ...
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if device == "cpu":
-        cores = len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if cores < (os.cpu_count() or cores):  # confined to a share of the machine (a runtime's CPU worker)
             options.intra_op_num_threads = cores
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

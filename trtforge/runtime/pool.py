@@ -121,7 +121,9 @@ class Runtime:
                 raise
         else:
             context = tmp.get_context("spawn")  # CUDA cannot be used in forked children
-            shares = cpu_shares(self.devices, os.sched_getaffinity(0))
+            # CPU workers pinned to shares of this process's cores, where the platform can pin (Linux)
+            shares = (cpu_shares(self.devices, os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity")
+                      else [None] * len(self.devices))
             self._workers = [
                 start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
                              input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
