@@ -451,8 +451,8 @@ def test_engine_workers_die_with_their_build(copy, how):
     build = _start_build(recipe, out, "--force")
     worker = _wait_for_worker(out, build)
     build.send_signal(how)
-    build.communicate(timeout=60)
-    assert build.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 130)
+    _, stderr = build.communicate(timeout=60)
+    assert build.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 130), stderr[-2000:]
     assert _gone(worker), "the engine worker outlived its build"
 
 
