@@ -84,6 +84,10 @@ class Runtime:
         self.output_specs = {o["name"]: o for o in manifest["io"]["outputs"]}
         self.sequence_inputs = {s["name"] for s in self.inputs if "sequence" in s["shape"]}
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
+        self._largest = {name: hi for name, (_, _, hi) in self.profile.items()}  # every axis at its maximum
+        # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
+        self._output_dtypes = {name: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"]
+                               for name, s in self.output_specs.items()}
         self.max_batch = self.profile["batch"][2]
         self.outputs_on, self.timeout_s = outputs, timeout_s
         self.batching = batching or default_batching(outputs)
@@ -109,7 +113,7 @@ class Runtime:
         self._heap = (Heap(host_heap_bytes(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes, _physical_memory()))
                       if outputs == "host" else None)
         # Device outputs: each worker's device heap holds as many rounds of its slots' results.
-        largest_chunk = self._chunk_output_bytes(self.max_batch, self.profile.get("sequence", (1, 1, 1))[2])
+        largest_chunk = self._chunk_output_bytes(self.max_batch, self._largest.get("sequence", 1))
         device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
         if in_process:
             try:
@@ -145,24 +149,20 @@ class Runtime:
     def _slot_bytes(self) -> tuple[int, int]:
         """One chunk at the profile's largest shapes: its inputs (or its texts), its host outputs
         (at least 4 bytes an element: FP16 engines may return FP32)."""
-        largest = {name: hi for name, (_, _, hi) in self.profile.items()}
         rows = {"name": "__rows__", "shape": ["batch"], "dtype": "int64"}  # where a chunk's rows go in the result
-        inputs = max_bytes([*self.inputs, rows], largest)
+        inputs = max_bytes([*self.inputs, rows], self._largest)
         if self.text is not None:
             # UTF-8 takes at most 4 bytes a character; 8 bytes of end offset per text.
             per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
             inputs = max(inputs, self.max_batch * per_text + 2 * ALIGN)
         if self.outputs_on == "device" and self.text is None:
             return inputs, ALIGN  # results stay on the devices (in the workers' device heaps)
-        return inputs, self._chunk_output_bytes(self.max_batch, largest.get("sequence", 1))
+        return inputs, self._chunk_output_bytes(self.max_batch, self._largest.get("sequence", 1))
 
     def _chunk_output_bytes(self, rows: int, length: int) -> int:
-        """A chunk's outputs at (rows, length), other axes at their largest, at least 4 bytes an
-        element (FP16 engines may return FP32)."""
-        specs = list(self.output_specs.values())
-        wide = {s["name"]: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"] for s in specs}
-        largest = {name: hi for name, (_, _, hi) in self.profile.items()}
-        return max_bytes(specs, {**largest, "batch": rows, "sequence": length}, wide)
+        """A chunk's outputs at (rows, length), other axes at their largest (see _output_dtypes)."""
+        return max_bytes(list(self.output_specs.values()), {**self._largest, "batch": rows, "sequence": length},
+                         self._output_dtypes)
 
     @property
     def workers(self) -> list[dict[str, Any]]:
