@@ -231,8 +231,7 @@ class DeviceHeap:
         root = torch.as_tensor(owner, device=self.memory.device)  # holds `owner` until its storage dies
         weakref.finalize(owner, self.release, offset)
         del owner
-        return {name: root[start:start + nbytes(shape, dtype)].view(torch_dtype(dtype)).view(shape)
-                for name, dtype, shape, start in layout}
+        return tensor_views(root, layout)
 
 
 class _DeviceBlock:
@@ -244,6 +243,13 @@ class _DeviceBlock:
         self.memory = memory
         self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (memory.data_ptr() + offset, False),
                                          "version": 3, "strides": None, "stream": None}  # written and synchronized
+
+
+def tensor_views(raw: Any, layout: Layout, *, offset: int = 0, names: Any = None) -> dict[str, Any]:
+    """Tensors over a uint8 tensor's bytes (from `offset`), as the layout places them (no copy): the
+    torch twin of Arena.views. `names`: only these."""
+    return {name: raw[offset + start:offset + start + nbytes(shape, dtype)].view(torch_dtype(dtype)).view(shape)
+            for name, dtype, shape, start in layout if names is None or name in names}
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
-from trtforge.runtime.shm import Arena, layout_bytes, nbytes, place, torch_dtype
+from trtforge.runtime.shm import Arena, layout_bytes, place, tensor_views
 from trtforge.tokens import TEXT_CONFIG, pool
 
 
@@ -307,8 +307,7 @@ class _DataPath:
         elif self.registered:  # one copy of the slot's bytes, the inputs as views of it on the device
             base = slot * self.inputs.slot_bytes
             raw = torch.from_numpy(self.inputs.memory[base:base + layout_bytes(layout)]).to(self.device, non_blocking=True)
-            feed = {name: raw[at:at + nbytes(shape, dtype)].view(torch_dtype(dtype)).view(shape)
-                    for name, dtype, shape, at in layout if name in views}
+            feed = tensor_views(raw, layout, names=views)
         else:
             feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
         return feed, rows, real, 1e3 * (time.monotonic() - start)
@@ -376,9 +375,8 @@ class _DataPath:
             return None
         if layout is None:
             return None
-        for name, dtype, shape, start in layout:
-            begin = offset + start
-            self.device_heap[begin:begin + nbytes(shape, dtype)].view(outputs[name].dtype).view(shape).copy_(outputs[name])
+        for name, block in tensor_views(self.device_heap, layout, offset=offset).items():
+            block.copy_(outputs[name])
         return self._mark(), layout
 
     def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
