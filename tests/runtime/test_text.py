@@ -61,6 +61,16 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     assert not got[~mask].any()
 
 
+def test_rows_already_in_length_order_are_cut_as_slices_not_gathered():
+    profile = {"batch": (1, 4, 8), "sequence": (1, 32, 32)}
+    sorted_rows = pool.groups(10, 2, np.array([4, 4, 5, 9, 9, 9, 12, 20, 30, 31]), profile)
+    assert sorted_rows == [(slice(0, 5), 16), (slice(5, 10), 32)]  # views of the request: no copy of its rows
+    unsorted = pool.groups(4, 2, np.array([9, 2, 30, 1]), profile)
+    assert [g.tolist() for g, _ in unsorted] == [[3, 1], [0, 2]] and [n for _, n in unsorted] == [8, 32]
+    fixed = pool.groups(11, 3, None, profile)  # sizes as np.array_split gives them, contiguous
+    assert fixed == [(slice(0, 4), None), (slice(4, 8), None), (slice(8, 11), None)]
+
+
 def test_chunks_respect_the_profiles_minimum_batch(encoder):
     with Runtime(encoder, devices=2) as rt:
         for rows in (2, 3, 17):

@@ -86,6 +86,7 @@ class Runtime:
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
         self._largest = {name: hi for name, (_, _, hi) in self.profile.items()}  # every axis at its maximum
         # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
+        self._output_bytes: dict[tuple[int, int], int] = {}  # (rows, length) -> bytes: see _chunk_output_bytes
         self._output_dtypes = {name: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"]
                                for name, s in self.output_specs.items()}
         self.max_batch = self.profile["batch"][2]
@@ -103,7 +104,7 @@ class Runtime:
                              "with worker processes (in_process=False, the default)")
         self._requests: dict[int, Request] = {}
         self._pending: collections.deque[Chunk] = collections.deque()
-        self._timings: collections.deque[dict[str, float]] = collections.deque(maxlen=100_000)
+        self._timings: collections.deque[tuple] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
@@ -161,6 +162,12 @@ class Runtime:
 
     def _chunk_output_bytes(self, rows: int, length: int) -> int:
         """A chunk's outputs at (rows, length), other axes at their largest (see _output_dtypes)."""
+        size = self._output_bytes.get((rows, length))
+        if size is None:
+            size = self._output_bytes[rows, length] = self._output_bytes_at(rows, length)
+        return size
+
+    def _output_bytes_at(self, rows: int, length: int) -> int:
         return max_bytes(list(self.output_specs.values()), {**self._largest, "batch": rows, "sequence": length},
                          self._output_dtypes)
 
@@ -423,13 +430,8 @@ class Runtime:
     def _record(self, request: Request, chunk: int, worker: dict[str, float]) -> None:
         """One chunk's time, phase by phase (see time_breakdown)."""
         queued = request.queued.get(chunk)
-        if queued is None or "received" not in worker:
-            return
-        record = {"enqueue_ms": 1e3 * (queued - request.submitted), "queue_ms": 1e3 * (worker["received"] - queued)}
-        if "sent" in worker:
-            record["return_ms"] = 1e3 * (time.monotonic() - worker["sent"])
-        record.update({k: v for k, v in worker.items() if k.endswith("_ms")})
-        self._timings.append(record)
+        if queued is not None and "received" in worker:  # made into phases when asked for (time_breakdown)
+            self._timings.append((request.submitted, queued, time.monotonic(), worker))
 
     def time_breakdown(self, *, reset: bool = False) -> dict[str, float]:
         """Median milliseconds per chunk since the start (or the last reset), by phase: enqueue (the
@@ -441,7 +443,7 @@ class Runtime:
         (chunks and pooling; tokenization is done while the previous chunk runs)."""
         import statistics
 
-        records = list(self._timings)
+        records = [_phases(*timing) for timing in list(self._timings)]
         if reset:
             self._timings.clear()
         keys = sorted({k for r in records for k in r})
@@ -527,6 +529,15 @@ class Runtime:
         self.close()
 
 
+def _phases(submitted: float, queued: float, answered: float, worker: dict[str, float]) -> dict[str, float]:
+    """One chunk's phases in milliseconds (see Runtime.time_breakdown)."""
+    phases = {"enqueue_ms": 1e3 * (queued - submitted), "queue_ms": 1e3 * (worker["received"] - queued)}
+    if "sent" in worker:
+        phases["return_ms"] = 1e3 * (answered - worker["sent"])
+    phases.update({k: v for k, v in worker.items() if k.endswith("_ms")})
+    return phases
+
+
 HOST_HEAP_SHARE = 0.25  # of the machine's memory at most, for the results heap
 
 
@@ -556,15 +567,15 @@ def groups(rows: int, workers: int, lengths: np.ndarray | None,
     count = max(math.ceil(rows / max_batch), min(workers, max(1, rows // lo_batch)))
     if count == 1:  # the whole request, rows in place: no reordering (its results go straight where they belong)
         return [(slice(0, rows), None if lengths is None else bucket_for(int(lengths.max()), profile["sequence"]))]
-    order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(rows)
+    if lengths is None:  # contiguous rows, kept at the request's length
+        bounds = list(itertools.accumulate((rows // count + (i < rows % count) for i in range(count)), initial=0))
+        return [(slice(a, b), None) for a, b in zip(bounds, bounds[1:])]
+    order = np.argsort(lengths, kind="stable")
+    in_place = bool((np.diff(order) == 1).all())  # already sorted (rows of one length): slices, not copies
     result: list[tuple[Any, int | None]] = []
-    start = 0
     for part in np.array_split(order, count):
-        if lengths is None:  # contiguous rows, kept at the request's length
-            result.append((slice(start, start + len(part)), None))
-            start += len(part)
-        else:
-            result.append((part, bucket_for(int(lengths[part].max()), profile["sequence"])))
+        rows_of = slice(int(part[0]), int(part[-1]) + 1) if in_place else part
+        result.append((rows_of, bucket_for(int(lengths[part].max()), profile["sequence"])))
     return result
 
 
