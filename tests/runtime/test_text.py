@@ -10,7 +10,7 @@ from trtforge.errors import ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.runtime import Runtime, pool
-from trtforge.runtime.batching import buckets
+from trtforge.runtime.batching import bucket_for, buckets, real_lengths
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"
@@ -59,6 +59,16 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     mask = feed["attention_mask"].astype(bool)
     np.testing.assert_allclose(got[mask], want[mask], atol=2e-3, rtol=1e-3)
     assert not got[~mask].any()
+
+
+def test_real_lengths_read_right_padding_and_refuse_other_masks():
+    full = np.ones((3, 12), dtype=np.int64)
+    assert real_lengths({"attention_mask": full}).tolist() == [12, 12, 12]
+    padded = (np.arange(12)[None, :] < np.array([[5], [12], [0]])).astype(np.int64)
+    assert real_lengths({"attention_mask": padded}).tolist() == [5, 12, 1]  # an empty row still takes a position
+    assert real_lengths({"attention_mask": padded[:, ::-1].copy()}) is None  # left padding keeps its length
+    assert real_lengths({"input_ids": full}) is None
+    assert [bucket_for(n, (1, 64, 128)) for n in (1, 8, 9, 127, 128)] == [8, 8, 16, 128, 128]
 
 
 def test_rows_already_in_length_order_are_cut_as_slices_not_gathered():

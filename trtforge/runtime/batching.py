@@ -3,6 +3,8 @@ length-aware batches are cut to, and results put back together."""
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from typing import Any
 
@@ -16,14 +18,20 @@ MAX_BUCKETS = 16
 
 def buckets(lo: int, hi: int) -> list[int]:
     """The sequence lengths length-aware batches are cut to, within the profile [lo, hi]."""
+    return list(_buckets(lo, hi))
+
+
+@functools.lru_cache(maxsize=64)
+def _buckets(lo: int, hi: int) -> tuple[int, ...]:
     step = max(8, math.ceil(math.ceil(hi / MAX_BUCKETS) / 8) * 8)
-    return sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)})
+    return tuple(sorted({max(lo, min(hi, n)) for n in range(step, hi + step, step)}))
 
 
 def bucket_for(length: int, profile: tuple[int, int, int]) -> int:
     """The bucket a chunk whose longest row has `length` tokens is cut to, for a sequence profile
     (min, opt, max)."""
-    return next(b for b in buckets(profile[0], profile[2]) if b >= length)
+    cuts = _buckets(profile[0], profile[2])
+    return cuts[bisect.bisect_left(cuts, length)]
 
 
 def concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
@@ -39,6 +47,8 @@ def real_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     mask = arrays.get("attention_mask")
     if mask is None or mask.ndim != 2:
         return None
+    if mask.all():  # no padding: one pass
+        return np.full(mask.shape[0], max(mask.shape[1], 1))
     lengths = mask.sum(axis=1)
     if not np.array_equal(mask != 0, np.arange(mask.shape[1])[None, :] < lengths[:, None]):
         return None

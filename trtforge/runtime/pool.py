@@ -193,8 +193,7 @@ class Runtime:
         request = Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
         sequence = [v.shape[1] for k, v in arrays.items() if k in self.sequence_inputs and v.ndim > 1]
         request.length = sequence[0] if sequence else 0
-        if lengths is not None:
-            request.mask = arrays["attention_mask"] != 0
+        request.length_aware = lengths is not None
         return self._enqueue(request)
 
     def _reserve(self, request: Request) -> None:
@@ -421,10 +420,11 @@ class Runtime:
         if request.block is not None:  # arrays over the block, which is theirs from now on
             block, request.block = request.block, None
             return self._heap.arrays(block, request.layout)
-        if request.mask is not None:  # padded positions: the same (meaningless) zeros whatever the cut
+        if request.length_aware:  # padded positions: the same (meaningless) zeros whatever the cut
+            padded = request.arrays["attention_mask"] == 0
             for name, full in request.results.items():
                 if "sequence" in self.output_specs.get(name, {}).get("shape", []):
-                    full[~request.mask] = 0
+                    full[padded] = 0
         return request.results
 
     def _record(self, request: Request, chunk: int, worker: dict[str, float]) -> None:

@@ -86,7 +86,7 @@ class Request:
     submitted: float  # time.monotonic() when submit was called
     text: bool = False
     length: int = 0  # the request's sequence length (the shape results come back in)
-    mask: np.ndarray | None = None  # real positions of a length-aware request
+    length_aware: bool = False  # rows grouped by their real length (the attention mask's)
     results: dict[str, np.ndarray] | None = None  # host outputs, filled in as chunks come back
     parts: dict[int, Any] = field(default_factory=dict)  # per chunk: device outputs, or text results
     done: int = 0

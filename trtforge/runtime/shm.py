@@ -129,14 +129,14 @@ def place(arrays: dict[str, tuple[tuple[int, ...], Any]], capacity: int) -> Layo
     """Where tensors of these shapes and dtypes go, one after another (aligned), in `capacity` bytes;
     None if they do not fit. Layouts are computed once per set of shapes (a runtime meets a few:
     its buckets and batch sizes) and shared: do not change one."""
-    return _place(tuple((name, tuple(map(int, shape)), dtype) for name, (shape, dtype) in arrays.items()), capacity)
+    return _place(tuple((name, tuple(shape), dtype) for name, (shape, dtype) in arrays.items()), capacity)
 
 
 @functools.lru_cache(maxsize=4096)
 def _place(arrays: tuple[tuple[str, tuple[int, ...], Any], ...], capacity: int) -> Layout | None:
     layout, offset = [], 0
     for name, shape, dtype in arrays:
-        layout.append((name, np.dtype(dtype).str, shape, offset))
+        layout.append((name, np.dtype(dtype).str, tuple(map(int, shape)), offset))
         offset += _aligned(nbytes(shape, dtype))
     return tuple(layout) if offset <= capacity else None
 
