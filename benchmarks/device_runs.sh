@@ -5,7 +5,7 @@
 #
 # Stages: tests (GPU tests); scale-minilm (batch 32/128, outputs on the device and on the host; one of
 # them: scale-minilm-device, scale-minilm-host); scale-bert (batch 1/32/128, host); callers (4 caller
-# threads on the most GPUs); manifests; engine-cost; text-bert (text-bert-short, text-bert-passage) and
+# threads on the most GPUs); slots-minilm (host outputs, 8 slots per worker); manifests; engine-cost; text-bert (text-bert-short, text-bert-passage) and
 # text-minilm (real text against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
 # Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES, COMPILE
 # (the torch.compile baseline where a stage has one: COMPILE= leaves it out, its compile takes minutes).
@@ -44,6 +44,9 @@ for stage in "$@"; do
       bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines "ddp$COMPILE" ;;
     scale-bert-short)
       bench bert-base recipes/bert-base-classifier.toml --devices "$DEVICES" --batches 1,32,128 --baselines ddp ;;
+    slots-minilm)  # 8 chunks in flight per worker (and 8 requests per device) instead of 4
+      bench minilm-host-slots8 recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs host --baselines ddp \
+        --slots 8 --depth 8 ;;
     callers)
       bench minilm-host-4callers recipes/minilm.toml --devices "${DEVICES##*,}" --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
     text-bert-short) bert_text short "ddp,ddp-sorted$COMPILE" ;;

@@ -188,12 +188,15 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               help="Caller threads submitting to the runtime at once (as a service's request threads do).")
 @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests kept in flight per device while throughput is measured.")
+@click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Chunks in flight per worker (the runtime's shared-memory slots per device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @_common
 @guarded
 def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, sequence: int, device_counts: str | None,
           iterations: int, warmup: int, cpu_workers: int, outputs: str, text: Path | None, workload: str | None,
-          baselines: str, backend: str | None, tokenizer: str | None, callers: int, depth: int, as_json: bool, quiet: bool, verbose: bool) -> None:
+          baselines: str, backend: str | None, tokenizer: str | None, callers: int, depth: int, slots: int,
+          as_json: bool, quiet: bool, verbose: bool) -> None:
     """Serve RECIPE's artifact with the runtime on 1..N devices against PyTorch DDP, DataParallel and
     torch.compile: parity, throughput, latency, scaling. Writes bench.json, bench.md and plots."""
     from trtforge.pipeline import Build
@@ -207,7 +210,8 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
     config = BenchConfig(batches=_ints(batches, "--batches"), sequence=sequence, iterations=iterations,
                          warmup=warmup, device_counts=_ints(device_counts, "--devices") if device_counts else None,
                          cpu_workers=cpu_workers, outputs=outputs, text=text, workload=workload, backend=backend,
-                         baselines=_baselines(baselines), callers=callers, depth=depth, tokenizer=tokenizer)
+                         baselines=_baselines(baselines), callers=callers, depth=depth, slots=slots,
+                         tokenizer=tokenizer)
     if text is not None and workload is not None:
         raise click.UsageError("give --text FILE or --workload, not both")
     if tokenizer is not None:

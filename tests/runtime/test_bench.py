@@ -100,16 +100,17 @@ def test_bench_on_a_real_text_workload_reports_real_tokens(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "2", "--batches", "4",
                                        "--sequence", "64", "--iterations", "4", "--warmup", "1", "--devices", "2",
-                                       "--baselines", "ddp,ddp-sorted", "--workload", "short"])
+                                       "--baselines", "ddp,ddp-sorted", "--workload", "short", "--slots", "2"])
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "minilm-cpu.bench" / "bench.json").read_text())
+    assert report["config"]["slots"] == 2
     row = report["results"]["runtime"]["2"]["4"]
     # Both PyTorch contenders ran on the same texts; the length-sorted one, its rows put back in
     # input order, agrees with the runtime (per-token outputs, two ranks of different widths).
     assert report["results"]["ddp-sorted"]["2"]["4"]["throughput"] > 0
     assert report["results"]["parity-sorted"]["2"]["passed"]
     md = (out / "minilm-cpu.bench" / "bench.md").read_text()
-    assert "runtime / DDP length-sorted" in md
+    assert "runtime / DDP length-sorted" in md and "2 slots per worker" in md
     source = report["config"]["workload_source"]
     assert source["kind"] == "short" and len(source["sha256"]) == 64 and source["units"] > 100
     assert f"inputs real text, workload 'short': {source['units']} units from {source['source']}" in md

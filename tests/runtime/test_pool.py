@@ -38,6 +38,23 @@ def test_large_batches_are_split_and_come_back_in_order(artifact):
         np.testing.assert_allclose(result, expected(artifact, feed(3, seed=s)), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("slots", [1, 7])
+def test_the_slots_per_worker_bound_what_is_in_flight_and_all_come_back(artifact, slots):
+    with Runtime(artifact, devices=2, timeout_s=30, slots=slots) as rt:
+        futures = [rt.submit(feed(5, seed=s)) for s in range(20)]  # more chunks than slots: they wait their turn
+        results = [f.result(timeout=30)["logits"] for f in futures]
+        assert [(w.inputs.slots, w.outputs.slots, sorted(w.free)) for w in rt._workers] == \
+            [(slots, slots, list(range(slots)))] * 2  # every slot free again
+    for s, result in enumerate(results):
+        np.testing.assert_allclose(result, expected(artifact, feed(5, seed=s)), rtol=1e-3, atol=1e-3)
+
+
+def test_slots_must_be_a_positive_whole_number(artifact):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="slots is the chunks in flight per worker"):
+            Runtime(artifact, devices=1, slots=bad)
+
+
 def test_torch_inputs_are_accepted(artifact):
     import torch
 

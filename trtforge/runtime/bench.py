@@ -37,7 +37,8 @@ class BenchConfig:
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
     callers: int = 1  # caller threads submitting at once
-    depth: int = 4  # requests in flight per device (each worker has 4 slots)
+    depth: int = 4  # requests in flight per device
+    slots: int = 4  # chunks in flight per worker (Runtime(slots=...))
     tokenizer: str | None = None  # for models without one (random weights): a directory or package:NAME
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -282,7 +283,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
             warm = sorted({shape for feed in [*feeds.values(), parity_feed]
                            for shape in chunk_shapes(feed, profile, n, default_batching(config.outputs))})
             with Runtime(artifact, devices=list(range(n)) if on_gpu else n, backend=config.backend, outputs=config.outputs,
-                         warm=warm, timeout_s=600) as runtime:
+                         warm=warm, timeout_s=600, slots=config.slots) as runtime:
                 per_batch = {}
                 results["startup"][n] = {"seconds": runtime.startup_s, "warmed_shapes": len(warm)}
                 runtime.time_breakdown(reset=True)  # start-up and warm-up are not part of it
@@ -409,7 +410,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['date']}; devices {', '.join(report['host']['gpus']) or str(report['host']['cpu_workers']) + ' CPU workers'}; "
              f"sequence {config['sequence']}; {config['iterations']} iterations after {config['warmup']} warm-up; "
              f"outputs to {config['outputs']}; {config.get('callers', 1)} caller thread(s), "
-             f"{config.get('depth', 2)} request(s) in flight per device; inputs {_inputs_said(config)}.", "",
+             f"{config.get('depth', 2)} request(s) in flight per device, {config.get('slots', 4)} slots per "
+             f"worker; inputs {_inputs_said(config)}.", "",
              f"Parity, runtime vs PyTorch DDP (FP16 tolerance policy): "
              f"**{'passed' if report['parity_passed'] else 'FAILED'}** on every device count." if r["parity"] else "Parity not run.",
              "", "Runtime start-up (load, then every chunk shape of these requests set up on every worker): "

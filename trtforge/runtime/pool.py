@@ -68,12 +68,18 @@ class Runtime:
     submits (submit() returns once the request is done), for the lowest latency of one request at a
     time; it gives up the worker process's isolation (an engine crash takes the caller down) and the
     overlap of the caller's work with the engine's. Several caller threads take turns on the engine.
+
+    `slots`: chunks in flight per worker (each holds an input slot and an output slot of shared
+    memory from its dispatch to its answer; the results heap is sized to match). More slots hide
+    more of the round trip (the caller's dispatch, the pipes, the answer's handling) behind the
+    engine, for more memory.
     """
 
     def __init__(self, artifact: str | Path, devices: str | int | Sequence[int | str] = "all", *,
                  backend: str | None = None, outputs: Literal["host", "device"] = "host",
                  batching: Literal["length", "fixed"] | None = None, warm: Sequence[tuple[int, int]] = (),
-                 timeout_s: float = 60.0, start_timeout_s: float = 600.0, in_process: bool = False) -> None:
+                 timeout_s: float = 60.0, start_timeout_s: float = 600.0, in_process: bool = False,
+                 slots: int = SLOTS) -> None:
         import torch.multiprocessing as tmp
 
         started = time.perf_counter()
@@ -98,6 +104,9 @@ class Runtime:
             raise ValueError("length-aware batching returns host outputs in input order; use outputs='host' "
                              "or batching='fixed'")
         self.text = _text_config(self.artifact, manifest)
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"slots is the chunks in flight per worker, a whole number of at least 1; got {slots!r}")
+        self.slots = slots
         self.devices = resolve_devices(devices)
         if in_process and len(self.devices) != 1:
             raise ValueError(f"in_process=True runs one device, got {len(self.devices)}; serve several devices "
@@ -111,16 +120,17 @@ class Runtime:
         input_bytes, output_bytes = self._slot_bytes()
         # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
         # results twice over (those in flight, those the caller still holds); past that, copies.
-        self._heap = (Heap(host_heap_bytes(HEAP_ROUNDS * len(self.devices) * SLOTS * output_bytes, _physical_memory()))
+        self._heap = (Heap(host_heap_bytes(HEAP_ROUNDS * len(self.devices) * slots * output_bytes, _physical_memory()))
                       if outputs == "host" else None)
         # Device outputs: each worker's device heap holds as many rounds of its slots' results.
         largest_chunk = self._chunk_output_bytes(self.max_batch, self._largest.get("sequence", 1))
-        device_heap_bytes = HEAP_ROUNDS * SLOTS * largest_chunk if outputs == "device" else 0
+        device_heap_bytes = HEAP_ROUNDS * slots * largest_chunk if outputs == "device" else 0
         if in_process:
             try:
                 self._workers: list[Worker] = [
                     start_in_process(0, self.devices[0], str(self.artifact), backend=backend, outputs=outputs,
-                                     warm=warm, input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap)]
+                                     warm=warm, input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap,
+                                     slots=slots)]
             except BaseException:
                 self.close()  # the results heap
                 raise
@@ -132,7 +142,7 @@ class Runtime:
             self._workers = [
                 start_worker(index, device, str(self.artifact), backend=backend, outputs=outputs, warm=warm,
                              input_bytes=input_bytes, output_bytes=output_bytes, heap=self._heap, context=context,
-                             device_heap_bytes=device_heap_bytes, cores=shares[index])
+                             device_heap_bytes=device_heap_bytes, cores=shares[index], slots=slots)
                 for index, device in enumerate(self.devices)]
             try:
                 wait_ready(self._workers, start_timeout_s)

@@ -96,11 +96,12 @@ CLOSE_GRACE_S = 3.0  # how long idle workers get to exit by themselves when the 
 
 def start_worker(index: int, device: str, artifact: str, *, backend: str | None, outputs: str,
                  warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None,
-                 context: Any, device_heap_bytes: int = 0, cores: tuple[int, ...] | None = None) -> Worker:
+                 context: Any, device_heap_bytes: int = 0, cores: tuple[int, ...] | None = None,
+                 slots: int = SLOTS) -> Worker:
     """One worker process for `device`, with its input and output slots and its two pipes (and, for
     device outputs on a GPU, a device heap of `device_heap_bytes`, which the worker allocates)."""
-    inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
-    outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
+    inputs = Arena(input_bytes, slots, name=f"trtforge-{index}-inputs")
+    outputs_arena = Arena(output_bytes, slots, name=f"trtforge-{index}-outputs")
     requests_reader, requests_writer = context.Pipe(duplex=False)
     # One answer pipe per worker: a shared queue's write lock, held by a worker that is killed
     # mid-send, would block every other worker for good.
@@ -113,23 +114,25 @@ def start_worker(index: int, device: str, artifact: str, *, backend: str | None,
     process.start()
     writer.close()  # the worker holds the only write end: its exit shows as EOF here
     requests_reader.close()
-    return Worker(index, device, process, requests_writer, reader, inputs, outputs_arena)
+    return Worker(index, device, process, requests_writer, reader, inputs, outputs_arena, free=list(range(slots)))
 
 
 def start_in_process(index: int, device: str, artifact: str, *, backend: str | None, outputs: str,
-                     warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None) -> Worker:
+                     warm: Sequence[tuple[int, int]], input_bytes: int, output_bytes: int, heap: Arena | None,
+                     slots: int = SLOTS) -> Worker:
     """A worker in the caller's own process (see worker.InProcess), over the same kind of slots."""
     from trtforge.runtime.worker import InProcess
 
-    inputs = Arena(input_bytes, name=f"trtforge-{index}-inputs")
-    outputs_arena = Arena(output_bytes, name=f"trtforge-{index}-outputs")
+    inputs = Arena(input_bytes, slots, name=f"trtforge-{index}-inputs")
+    outputs_arena = Arena(output_bytes, slots, name=f"trtforge-{index}-outputs")
     try:
         local = InProcess(index, artifact, device, backend, outputs, [tuple(w) for w in warm], inputs, outputs_arena, heap)
     except Exception as e:
         inputs.close()
         outputs_arena.close()
         raise WorkerError(f"could not load the engine for {device}: {type(e).__name__}: {e}") from e
-    return Worker(index, device, None, None, None, inputs, outputs_arena, info=local.info, local=local)
+    return Worker(index, device, None, None, None, inputs, outputs_arena, info=local.info, local=local,
+                  free=list(range(slots)))
 
 
 def wait_ready(workers: list[Worker], timeout_s: float) -> None:
