@@ -356,10 +356,10 @@ class _CudaGraph:
     def _replay(self) -> None:
         import torch
 
-        device = self.engine.torch_device
-        self.engine.stream.wait_stream(torch.cuda.current_stream(device))
+        current = torch.cuda.current_stream(self.engine.torch_device)
+        self.engine.stream.wait_stream(current)
         self.session.run_with_iobinding(self.binding, self.engine.run_options)
-        torch.cuda.current_stream(device).wait_stream(self.engine.stream)
+        current.wait_stream(self.engine.stream)
 
     def run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         for name, buffer in self.inputs.items():

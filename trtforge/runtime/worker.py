@@ -268,10 +268,12 @@ class _DataPath:
         self.staging = _Staging()  # the main thread's (text)
         self.reader_staging = _Staging()  # the reader's (inputs, where the slots are not registered)
         self.sequence_outputs: set[str] = set()
+        self.copies: Any = None
         if self.on_gpu:
             import torch
 
             self.copies = torch.cuda.Stream()  # copies back to the host, beside the next chunk's engine
+            self.target = torch.device(device)  # (parsed once: a device string is parsed on every use)
         self.registered = self.on_gpu and all(_register(a) for a in (inputs, outputs, heap) if a is not None)
         self.device_heap: Any = None  # device outputs: chunks' blocks, allocated by the caller
 
@@ -306,7 +308,7 @@ class _DataPath:
             feed = {name: torch.from_numpy(view) for name, view in views.items()}
         elif self.registered:  # one copy of the slot's bytes, the inputs as views of it on the device
             base = slot * self.inputs.slot_bytes
-            raw = torch.from_numpy(self.inputs.memory[base:base + layout_bytes(layout)]).to(self.device, non_blocking=True)
+            raw = torch.from_numpy(self.inputs.memory[base:base + layout_bytes(layout)]).to(self.target, non_blocking=True)
             feed = tensor_views(raw, layout, names=views)
         else:
             feed = {name: self.reader_staging.to_device(name, view, self.device) for name, view in views.items()}
@@ -323,19 +325,21 @@ class _DataPath:
         arrival where the caller reads them, host work included)."""
         feed, rows, real, timings["inputs_ms"] = prepared
         start = time.monotonic()
-        began = self._mark()
+        stream = self._stream()  # looked up once a chunk (each lookup resolves the device anew)
+        began = self._mark(stream)
         outputs = engine(feed, real_tokens=real)
-        ended = self._mark()
+        ended = self._mark(stream)
         timings["launch_ms"] = 1e3 * (time.monotonic() - start)
-        placed = self.deliver_device(outputs, target) if outputs_on == "device" and self.on_gpu and target else None
+        placed = (self.deliver_device(outputs, target, stream) if outputs_on == "device" and self.on_gpu and target
+                  else None)
         if placed is not None:  # copied into the chunk's block of the device heap
             ready, layout = placed
             after = lambda: ("device-heap", layout)  # noqa: E731
         elif outputs_on == "device" and self.on_gpu:  # shared by CUDA IPC once the engine is done
             shared = {k: v.contiguous() for k, v in outputs.items()}
-            ready, after = self._mark(), lambda: ("inline", shared)
+            ready, after = self._mark(stream), lambda: ("inline", shared)
         elif target is not None:
-            ready, scatter = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"))
+            ready, scatter = self.deliver(slot, outputs, target, rows, feed.get("attention_mask"), stream)
             after = lambda: (scatter(), ("heap", None))[1]  # noqa: E731
         else:
             ready, after = ended, lambda: self.reply(slot, outputs)
@@ -354,17 +358,25 @@ class _DataPath:
 
         return finish if self.on_gpu else finish()
 
-    def _mark(self) -> Any:
-        """A timing event recorded on the current stream (None on the CPU)."""
+    def _stream(self) -> Any:
+        """The stream the chunk's work is queued on: this thread's current one (None on the CPU)."""
+        if not self.on_gpu:
+            return None
+        import torch
+
+        return torch.cuda.current_stream(self.target)
+
+    def _mark(self, stream: Any) -> Any:
+        """A timing event recorded on `stream` (None on the CPU)."""
         if not self.on_gpu:
             return None
         import torch
 
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(stream)
         return event
 
-    def deliver_device(self, outputs: dict[str, Any], target: tuple[int, int]) -> tuple[Any, Any] | None:
+    def deliver_device(self, outputs: dict[str, Any], target: tuple[int, int], stream: Any) -> tuple[Any, Any] | None:
         """The chunk's device outputs copied (queued, on the engine's stream) into its block of the
         device heap: the event the copies record and where they are in the block; None where they do
         not fit (or have a dtype numpy cannot name, as bfloat16)."""
@@ -377,9 +389,10 @@ class _DataPath:
             return None
         for name, block in tensor_views(self.device_heap, layout, offset=offset).items():
             block.copy_(outputs[name])
-        return self._mark(), layout
+        return self._mark(stream), layout
 
-    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any) -> tuple[Any, Any]:
+    def deliver(self, slot: int, outputs: dict[str, Any], target: tuple, rows: Any, mask: Any,
+                stream: Any) -> tuple[Any, Any]:
         """The chunk's outputs into the request's result block: padded positions zeroed and the
         sequence axis padded or cut back to the request's length (on the device), then copied
         straight into the block in runs of rows that are consecutive there (rows put in the block's
@@ -402,7 +415,7 @@ class _DataPath:
             if len(runs) > MAX_RUNS:
                 runs = None
             elif self.on_gpu:  # sorted on the device: a copy from pageable memory would wait for the engine
-                order = torch.argsort(torch.from_numpy(rows).to(self.device, non_blocking=self.registered))
+                order = torch.argsort(torch.from_numpy(rows).to(self.target, non_blocking=self.registered))
             else:
                 order = torch.from_numpy(np.argsort(rows))
         values = {}
@@ -418,7 +431,7 @@ class _DataPath:
                 value = value.index_select(0, order)
             values[name] = value
         if self.on_gpu:
-            self.copies.wait_stream(torch.cuda.current_stream())
+            self.copies.wait_stream(stream)
             for value in values.values():
                 value.record_stream(self.copies)  # not reused before the copy stream has read it
         scatters = []
@@ -437,7 +450,7 @@ class _DataPath:
                         values[name] = staged_value
                 index = torch.from_numpy(rows)
                 scatters = [(full[name], index, value) for name, value in values.items()]
-            done = self._mark()
+            done = self._mark(self.copies)
 
         def scatter() -> None:
             for dest, index, value in scatters:
