@@ -5,7 +5,8 @@
 #
 # Stages: tests (GPU tests); scale-minilm (batch 32/128, outputs on the device and on the host; one of
 # them: scale-minilm-device, scale-minilm-host); scale-bert (batch 1/32/128, host); callers (4 caller
-# threads on the most GPUs); slots-minilm (host outputs, 8 slots per worker); manifests; engine-cost; text-bert (text-bert-short, text-bert-passage) and
+# threads on the most GPUs); caller-processes (1, 2, 4 processes, each its own Runtime, on the most GPUs;
+# env PITER); slots-minilm (host outputs, 8 slots per worker); manifests; engine-cost; text-bert (text-bert-short, text-bert-passage) and
 # text-minilm (real text against DDP eager FP16 padded per batch, DDP length-sorted, torch.compile).
 # Every bench runs on the device counts in DEVICES (default 1,2,4); env ITER, ENG, DEVICES, COMPILE
 # (the torch.compile baseline where a stage has one: COMPILE= leaves it out, its compile takes minutes).
@@ -47,6 +48,15 @@ for stage in "$@"; do
     slots-minilm)  # 8 chunks in flight per worker (and 8 requests per device) instead of 4
       bench minilm-host-slots8 recipes/minilm.toml --devices "$DEVICES" --batches 32,128 --outputs host --baselines ddp \
         --slots 8 --depth 8 ;;
+    caller-processes)  # 1, 2 and 4 caller processes, each its own Runtime over the most GPUs (MiniLM, batch 32)
+      python3 -m trtforge build recipes/minilm.toml --out "$ENG" > "$OUT/build-minilm.log" 2>&1
+      for outputs in host device; do
+        echo "== caller-processes-$outputs" | tee -a "$OUT/commands.txt"
+        python3 benchmarks/caller_processes.py "$ENG/minilm" --devices "${DEVICES##*,}" --batch 32 --processes 1,2,4 \
+          --iterations "${PITER:-4000}" --outputs "$outputs" --out "$OUT/caller-processes-$outputs" \
+          > "$OUT/caller-processes-$outputs.log" 2>&1
+        echo "   exit $? ($(date -u +%H:%M:%S))" | tee -a "$OUT/commands.txt"
+      done ;;
     callers)
       bench minilm-host-4callers recipes/minilm.toml --devices "${DEVICES##*,}" --batches 32,128 --outputs host --baselines ddp --callers 4 ;;
     text-bert-short) bert_text short "ddp,ddp-sorted$COMPILE" ;;
