@@ -43,7 +43,7 @@ from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, cpu_shares,
                                         resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
-from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes
+from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes, send_plain
 from trtforge.store import read_manifest
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
@@ -93,6 +93,7 @@ class Runtime:
         self._largest = {name: hi for name, (_, _, hi) in self.profile.items()}  # every axis at its maximum
         # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
         self._output_bytes: dict[tuple[int, int], int] = {}  # (rows, length) -> bytes: see _chunk_output_bytes
+        self._result_layouts: dict[tuple[int, int], Any] = {}  # (rows, length) -> layout: see _result_layout
         self._output_dtypes = {name: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"]
                                for name, s in self.output_specs.items()}
         self.max_batch = self.profile["batch"][2]
@@ -213,17 +214,25 @@ class Runtime:
         request.reserved = True
         if self._heap is None or request.text:
             return
-        rows = len(next(iter(request.arrays.values())))
-        shapes = {}
-        for name, spec in self.output_specs.items():
-            shape = tuple(rows if d == "batch" else request.length if d == "sequence" else d for d in spec["shape"])
-            if not all(isinstance(d, int) for d in shape):
-                return
-            shapes[name] = (shape, spec["dtype"])
-        layout = self._heap.layout(shapes)
+        layout = self._result_layout(len(next(iter(request.arrays.values()))), request.length)
         block = self._heap.allocate(layout_bytes(layout)) if layout is not None else None
         if block is not None:
             request.block, request.layout = block, layout
+
+    def _result_layout(self, rows: int, length: int) -> Any:
+        """Where a request's results go in a heap block (None where an output's shape is not known
+        ahead, or they would not fit the heap): made once per (rows, length)."""
+        key = (rows, length)
+        if key not in self._result_layouts:
+            shapes = {}
+            for name, spec in self.output_specs.items():
+                shape = tuple(rows if d == "batch" else length if d == "sequence" else d for d in spec["shape"])
+                if not all(isinstance(d, int) for d in shape):
+                    shapes = None
+                    break
+                shapes[name] = (shape, spec["dtype"])
+            self._result_layouts[key] = self._heap.layout(shapes) if shapes is not None else None
+        return self._result_layouts[key]
 
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return request_arrays(batch, self.inputs, self.manifest["model"].get("vocab_size"))
@@ -326,7 +335,7 @@ class Runtime:
             return
         try:
             with worker.send_lock:
-                worker.requests.send((kind, chunk.request_id, chunk.index, slot, layout, target))
+                send_plain(worker.requests, (kind, chunk.request_id, chunk.index, slot, layout, target))
         except (OSError, ValueError):
             pass  # the worker has exited: its receiver fails what it held, this chunk included
 
@@ -580,8 +589,9 @@ def groups(rows: int, workers: int, lengths: np.ndarray | None,
     if lengths is None:  # contiguous rows, kept at the request's length
         bounds = list(itertools.accumulate((rows // count + (i < rows % count) for i in range(count)), initial=0))
         return [(slice(a, b), None) for a, b in zip(bounds, bounds[1:])]
-    order = np.argsort(lengths, kind="stable")
-    in_place = bool((np.diff(order) == 1).all())  # already sorted (rows of one length): slices, not copies
+    uniform = lengths.min() == lengths.max()  # (rows of one length, as unpadded requests are: no sort)
+    order = np.arange(rows) if uniform else np.argsort(lengths, kind="stable")
+    in_place = uniform or bool((np.diff(order) == 1).all())  # already in order: slices, not copies
     result: list[tuple[Any, int | None]] = []
     for part in np.array_split(order, count):
         rows_of = slice(int(part[0]), int(part[-1]) + 1) if in_place else part

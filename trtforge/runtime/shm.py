@@ -19,6 +19,7 @@ import functools
 import math
 import mmap
 import os
+import pickle
 import threading
 import weakref
 from typing import Any
@@ -86,11 +87,9 @@ class Arena:
     def views(self, slot: int, layout: Layout, *, offset: int = 0) -> dict[str, np.ndarray]:
         """numpy arrays over a slot's memory (from `offset` in it), as the layout places them (no copy)."""
         base = slot * self.slot_bytes + offset
-        out = {}
-        for name, dtype, shape, offset in layout:
-            start = base + offset
-            out[name] = self.memory[start:start + nbytes(shape, dtype)].view(dtype).reshape(shape)
-        return out
+        memory = self.memory
+        return {name: memory[base + start:base + stop].view(dtype).reshape(shape)
+                for name, dtype, shape, start, stop in _spans(layout)}
 
     def write(self, slot: int, arrays: dict[str, np.ndarray]) -> Layout | None:
         layout = self.layout({k: (v.shape, v.dtype) for k, v in arrays.items()})
@@ -125,6 +124,14 @@ class Arena:
             pass
 
 
+def send_plain(connection: Any, message: Any) -> None:
+    """A message of plain values (numbers, strings, tuples: no tensor to share) down a
+    multiprocessing connection, pickled by the plain pickler: the connection's own copies its
+    reducer tables for every message, which costs more than the rest of a descriptor's trip.
+    The other end reads it with connection.recv() as usual."""
+    connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
 def place(arrays: dict[str, tuple[tuple[int, ...], Any]], capacity: int) -> Layout | None:
     """Where tensors of these shapes and dtypes go, one after another (aligned), in `capacity` bytes;
     None if they do not fit. Layouts are computed once per set of shapes (a runtime meets a few:
@@ -139,6 +146,12 @@ def _place(arrays: tuple[tuple[str, tuple[int, ...], Any], ...], capacity: int) 
         layout.append((name, np.dtype(dtype).str, tuple(map(int, shape)), offset))
         offset += _aligned(nbytes(shape, dtype))
     return tuple(layout) if offset <= capacity else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _spans(layout: Layout) -> tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]:
+    """A layout as (name, dtype, shape, start, stop), its dtypes parsed: made once per layout."""
+    return tuple((name, np.dtype(dtype), shape, start, start + nbytes(shape, dtype)) for name, dtype, shape, start in layout)
 
 
 def layout_bytes(layout: Layout) -> int:
@@ -200,6 +213,7 @@ class Heap(Arena):
     def __init__(self, size: int, *, name: str = "trtforge-results") -> None:
         super().__init__(size, 1, name=name)
         self.blocks = Blocks(self.slot_bytes)
+        self.owners: dict[int, tuple[weakref.ref, int]] = {}  # id(weak reference to a block's root) -> it, offset
 
     def allocate(self, size: int) -> int | None:
         return self.blocks.allocate(size)
@@ -213,9 +227,13 @@ class Heap(Arena):
         when the root dies, that is when the caller has dropped every array (and view) of it."""
         size = self.blocks.used[offset]
         root = np.frombuffer(memoryview(self.map)[offset:offset + size], dtype=np.uint8)
-        weakref.finalize(root, self.release, offset)
-        return {name: root[start:start + nbytes(shape, dtype)].view(dtype).reshape(shape)
-                for name, dtype, shape, start in layout}
+        owner = weakref.ref(root, self._dropped)  # (lighter than weakref.finalize, on every request)
+        self.owners[id(owner)] = owner, offset
+        return {name: root[start:stop].view(dtype).reshape(shape) for name, dtype, shape, start, stop in _spans(layout)}
+
+    def _dropped(self, owner: weakref.ref) -> None:
+        _, offset = self.owners.pop(id(owner))
+        self.release(offset)
 
 
 class DeviceHeap:

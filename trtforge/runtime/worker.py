@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
-from trtforge.runtime.shm import Arena, layout_bytes, place, tensor_views
+from trtforge.runtime.shm import Arena, layout_bytes, place, send_plain, tensor_views
 from trtforge.tokens import TEXT_CONFIG, pool
 
 
@@ -196,8 +196,12 @@ class _Answers:
 
     def result(self, request_id: int, chunk: int, result: Any, timings: dict[str, float]) -> None:
         timings["sent"] = time.monotonic()
+        message = ("result", request_id, chunk, self.index, result, timings)
         with self.lock:
-            self.responses.send(("result", request_id, chunk, self.index, result, timings))
+            if result[0] == "inline":  # tensors: shared by the connection's pickler (CUDA IPC, fds)
+                self.responses.send(message)
+            else:  # a descriptor
+                send_plain(self.responses, message)
 
     def error(self, request_id: int, chunk: int, e: Exception, timings: dict[str, float]) -> None:
         with self.lock:
