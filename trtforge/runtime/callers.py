@@ -39,7 +39,7 @@ def measure_processes(artifact: str | Path, *, devices: int | list[str], rows: i
     requests of `rows` x `sequence` between them (`depth` in flight per device in each), all
     starting together. Returns the sequences per second of all of them together (rows sent over
     the span from the first start to the last end), each process's share, its caller CPU as a share
-    of its wall time, and a checksum of one result per process (they must agree)."""
+    of its wall time, and a checksum of one result per process (the same inputs: they should agree)."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(processes + 1)
     results = context.Queue()
@@ -57,7 +57,10 @@ def measure_processes(artifact: str | Path, *, devices: int | list[str], rows: i
             pass  # a process failed before it: its error is in the queue
         answers = []
         for _ in children:
-            answer = results.get(timeout=start_timeout_s)
+            try:
+                answer = results.get(timeout=start_timeout_s)
+            except queue.Empty:
+                raise RuntimeError(f"a caller process gave no answer within {start_timeout_s:.0f} s") from None
             if "error" in answer:
                 raise RuntimeError(f"caller process failed: {answer['error']}")
             answers.append(answer)
