@@ -49,10 +49,14 @@ def synthetic_feed(loaded: Any, rows: int, sequence: int, seed: int) -> dict[str
 
     if loaded.task.is_image:
         return make_inputs(loaded, rows, sequence, seed=seed)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, loaded.model.config.vocab_size, (rows, sequence), dtype=np.int64)
+    return token_feed([t.name for t in loaded.inputs], loaded.model.config.vocab_size, rows, sequence, seed)
+
+
+def token_feed(names: list[str], vocab: int, rows: int, sequence: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids below `vocab`, every position real, for the inputs named (ids, mask, types)."""
+    ids = np.random.default_rng(seed).integers(0, vocab, (rows, sequence), dtype=np.int64)
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {t.name: full[t.name] for t in loaded.inputs}
+    return {name: full[name] for name in names}
 
 
 def workload_feed(loaded: Any, kind: str, rows: int, sequence: int) -> tuple[dict[str, np.ndarray], float, dict[str, Any]]:

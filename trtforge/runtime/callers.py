@@ -25,11 +25,10 @@ START_TIMEOUT_S = 900.0  # every process's runtime started (engines loaded, shap
 
 def feed_for(manifest: dict[str, Any], rows: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Fixed random token ids within the model's vocabulary, no padding, for the artifact's inputs."""
-    rng = np.random.default_rng(seed)
-    vocab = manifest["model"].get("vocab_size") or 1000
-    ids = rng.integers(0, vocab, (rows, sequence), dtype=np.int64)
-    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {spec["name"]: full[spec["name"]] for spec in manifest["io"]["inputs"]}
+    from trtforge.runtime.bench import token_feed
+
+    return token_feed([spec["name"] for spec in manifest["io"]["inputs"]], manifest["model"].get("vocab_size") or 1000,
+                      rows, sequence, seed)
 
 
 def measure_processes(artifact: str | Path, *, devices: int | list[str], rows: int, sequence: int, processes: int,

@@ -91,9 +91,9 @@ class Runtime:
         self.sequence_inputs = {s["name"] for s in self.inputs if "sequence" in s["shape"]}
         self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
         self._largest = {name: hi for name, (_, _, hi) in self.profile.items()}  # every axis at its maximum
-        # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
         self._output_bytes: dict[tuple[int, int], int] = {}  # (rows, length) -> bytes: see _chunk_output_bytes
         self._result_layouts: dict[tuple[int, int], Any] = {}  # (rows, length) -> layout: see _result_layout
+        # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
         self._output_dtypes = {name: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"]
                                for name, s in self.output_specs.items()}
         self.max_batch = self.profile["batch"][2]
@@ -173,14 +173,11 @@ class Runtime:
 
     def _chunk_output_bytes(self, rows: int, length: int) -> int:
         """A chunk's outputs at (rows, length), other axes at their largest (see _output_dtypes)."""
-        size = self._output_bytes.get((rows, length))
-        if size is None:
-            size = self._output_bytes[rows, length] = self._output_bytes_at(rows, length)
-        return size
-
-    def _output_bytes_at(self, rows: int, length: int) -> int:
-        return max_bytes(list(self.output_specs.values()), {**self._largest, "batch": rows, "sequence": length},
-                         self._output_dtypes)
+        key = (rows, length)
+        if key not in self._output_bytes:
+            self._output_bytes[key] = max_bytes(list(self.output_specs.values()),
+                                                {**self._largest, "batch": rows, "sequence": length}, self._output_dtypes)
+        return self._output_bytes[key]
 
     @property
     def workers(self) -> list[dict[str, Any]]:

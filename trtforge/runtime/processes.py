@@ -100,8 +100,7 @@ def start_worker(index: int, device: str, artifact: str, *, backend: str | None,
                  slots: int = SLOTS) -> Worker:
     """One worker process for `device`, with its input and output slots and its two pipes (and, for
     device outputs on a GPU, a device heap of `device_heap_bytes`, which the worker allocates)."""
-    inputs = Arena(input_bytes, slots, name=f"trtforge-{index}-inputs")
-    outputs_arena = Arena(output_bytes, slots, name=f"trtforge-{index}-outputs")
+    inputs, outputs_arena = _arenas(index, input_bytes, output_bytes, slots)
     requests_reader, requests_writer = context.Pipe(duplex=False)
     # One answer pipe per worker: a shared queue's write lock, held by a worker that is killed
     # mid-send, would block every other worker for good.
@@ -123,8 +122,7 @@ def start_in_process(index: int, device: str, artifact: str, *, backend: str | N
     """A worker in the caller's own process (see worker.InProcess), over the same kind of slots."""
     from trtforge.runtime.worker import InProcess
 
-    inputs = Arena(input_bytes, slots, name=f"trtforge-{index}-inputs")
-    outputs_arena = Arena(output_bytes, slots, name=f"trtforge-{index}-outputs")
+    inputs, outputs_arena = _arenas(index, input_bytes, output_bytes, slots)
     try:
         local = InProcess(index, artifact, device, backend, outputs, [tuple(w) for w in warm], inputs, outputs_arena, heap)
     except Exception as e:
@@ -133,6 +131,12 @@ def start_in_process(index: int, device: str, artifact: str, *, backend: str | N
         raise WorkerError(f"could not load the engine for {device}: {type(e).__name__}: {e}") from e
     return Worker(index, device, None, None, None, inputs, outputs_arena, info=local.info, local=local,
                   free=list(range(slots)))
+
+
+def _arenas(index: int, input_bytes: int, output_bytes: int, slots: int) -> tuple[Arena, Arena]:
+    """A worker's input and output slots."""
+    return (Arena(input_bytes, slots, name=f"trtforge-{index}-inputs"),
+            Arena(output_bytes, slots, name=f"trtforge-{index}-outputs"))
 
 
 def wait_ready(workers: list[Worker], timeout_s: float) -> None:

@@ -74,12 +74,7 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
         try:
             if isinstance(payload, Exception):  # the reader could not prepare it (tokenization)
                 raise payload
-            if kind == "encode":
-                outputs = text.finish(payload, lambda arrays: io.run(engine, arrays))
-                result = io.reply(slot, outputs)
-                timings["worker_ms"] = 1e3 * (time.monotonic() - received)
-            else:
-                result = io.serve(engine, slot, payload, outputs_on, timings, target)
+            result = _run(kind, slot, payload, target, timings, engine, text, io, outputs_on)
             if callable(result):  # queued on the GPU: the writer waits for it and answers, the engine goes on
                 answers.later(request_id, chunk, result, timings)
             else:
@@ -154,16 +149,10 @@ class InProcess:
         timings: dict[str, float] = {"received": time.monotonic()}
         with self.lock, self._on_device():
             try:
-                if kind == "encode":
-                    if self.text is None:
-                        raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
-                    prepared = self.text.prepare(self.io.inputs.read_texts(slot, layout))
-                    result = self.io.reply(slot, self.text.finish(prepared, lambda arrays: self.io.run(self.engine, arrays)))
-                    timings["worker_ms"] = 1e3 * (time.monotonic() - timings["received"])
-                else:
-                    result = self.io.serve(self.engine, slot, self.io.prepare(slot, layout), self.outputs_on, timings, target)
-                    if callable(result):  # queued on the GPU: wait for it here
-                        result = result()
+                prepared = _prepare(kind, slot, layout, self.io, self.text)
+                result = _run(kind, slot, prepared, target, timings, self.engine, self.text, self.io, self.outputs_on)
+                if callable(result):  # queued on the GPU: wait for it here
+                    result = result()
             except Exception as e:  # one bad request fails only itself
                 return ("error", request_id, chunk, self.index, _describe(e), timings)
         timings["sent"] = time.monotonic()
@@ -173,6 +162,27 @@ class InProcess:
         with self.lock, self._on_device():
             self.engine.close()
             self.io.close()
+
+
+def _prepare(kind: str, slot: int, layout: Any, io: _DataPath, text: TextEncoder | None) -> Any:
+    """A chunk made ready for its engine: its texts tokenized ("encode"), or its inputs read from
+    the slot (on a GPU, their copies to the device queued)."""
+    if kind == "encode":
+        if text is None:
+            raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
+        return text.prepare(io.inputs.read_texts(slot, layout))
+    return io.prepare(slot, layout)
+
+
+def _run(kind: str, slot: int, prepared: Any, target: Any, timings: dict[str, float], engine: Any,
+         text: TextEncoder | None, io: _DataPath, outputs_on: str) -> Any:
+    """A prepared chunk through the engine: the answer's payload, or (a chunk queued on the GPU) a
+    function that waits for it and gives the payload."""
+    if kind == "encode":
+        result = io.reply(slot, text.finish(prepared, lambda arrays: io.run(engine, arrays)))
+        timings["worker_ms"] = 1e3 * (time.monotonic() - timings["received"])
+        return result
+    return io.serve(engine, slot, prepared, outputs_on, timings, target)
 
 
 def _describe(e: Exception) -> str:
@@ -249,12 +259,7 @@ def _read(requests: Any, inbox: queue.SimpleQueue, io: _DataPath, text: TextEnco
         kind, request_id, chunk, slot, layout, target = message
         received = time.monotonic()  # CLOCK_MONOTONIC: comparable with the caller's clock
         try:
-            if kind == "encode":
-                if text is None:
-                    raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
-                payload: Any = text.prepare(io.inputs.read_texts(slot, layout))
-            else:
-                payload = io.prepare(slot, layout)
+            payload: Any = _prepare(kind, slot, layout, io, text)
         except Exception as e:
             payload = e
         inbox.put((kind, request_id, chunk, slot, payload, target, received))
