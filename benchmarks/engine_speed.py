@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import trtforge  # noqa: E402
 from trtforge.models import load_model  # noqa: E402
 from trtforge.recipe import load_recipe  # noqa: E402
-from trtforge.store import read_manifest  # noqa: E402
+from trtforge.manifest import read_manifest  # noqa: E402
 
 
 def timed(fn: Callable[[], Any], runs: int, warmup: int = 10) -> dict[str, float]:

@@ -38,7 +38,7 @@ def main() -> None:
     from trtforge.runtime import Runtime
     from trtforge.runtime.batching import real_tokens
 
-    from trtforge.store import read_manifest
+    from trtforge.manifest import read_manifest
 
     vocab = read_manifest(args.artifact)["model"].get("vocab_size") or 30000
     rng = np.random.default_rng(0)

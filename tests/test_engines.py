@@ -18,7 +18,7 @@ from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProble
 from trtforge.loader import check_profiles
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
-from trtforge.store import verify_files
+from trtforge.manifest import verify_files
 
 _rtx_missing = importlib.util.find_spec("tensorrt_rtx") is None
 
@@ -177,6 +177,8 @@ def test_loading_an_engine_whose_library_is_absent_says_what_to_install(write_re
                  file="engines/onnxruntime-cuda/cpu/model.onnx")
     manifest["files"] = {rel.replace("onnxruntime-cpu", "onnxruntime-cuda"): r for rel, r in manifest["files"].items()}
     manifest["roles"] = {}
+    for parity in manifest["parity"]["results"]:
+        parity["stage"] = parity["stage"].replace("onnxruntime-cpu", "onnxruntime-cuda")
     (result.artifact / "engines/onnxruntime-cpu").rename(result.artifact / "engines/onnxruntime-cuda")
     manifest_path.write_text(json.dumps(manifest))
     if importlib.util.find_spec("onnxruntime") and "CUDAExecutionProvider" in ort.get_available_providers():

@@ -15,7 +15,7 @@ from tests.conftest import minilm_available
 from trtforge.errors import CompatibilityError, ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
-from trtforge.store import read_manifest
+from trtforge.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu

@@ -14,7 +14,7 @@ import pytest
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.stages import steps
-from trtforge.store import read_manifest, verify_files
+from trtforge.manifest import read_manifest, verify_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def load(artifact: Any, device: str = "cuda:0", *, backend_name: str | None = None) -> Any:

@@ -19,12 +19,25 @@ from trtforge import __version__
 from trtforge.errors import TrtforgeError, os_error_message
 from trtforge.text import printable
 
+MAX_GPUS = 256  # GPUs per Triton instance group (trtforge.triton.MAX_GPUS, without importing it)
+
 DEFAULT_OUT = Path("engines")
+WAIT_MAX = 7 * 24 * 3600.0  # a week: longer is a mistake, and nan or inf would wait forever
+
+
+def _finite(value: float, option: str) -> float:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", param_hint=option)
+    return value
 
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+# What a file-system refusal asks the user to change, by command (see errors.os_error_message).
+OS_FIX_TARGETS = {"build": "--out", "bench": "--out or --results", "export_triton": "REPO"}
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +54,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as e:  # the disk or the file system said no: bad environment, not a trtforge bug
             if verbose:
                 traceback.print_exc()
-            _fail(os_error_message(e), 2)
+            _fail(os_error_message(e, OS_FIX_TARGETS.get(fn.__name__)), 2)
         except KeyboardInterrupt:
             _fail("interrupted; the published artifact is unchanged (partial work was discarded)", 130)
 
@@ -77,7 +90,8 @@ def main() -> None:
 @click.option("--publish-failed", is_flag=True,
               help="Publish a build that fails its gates in place of a passing artifact (default: beside it, "
                    "as OUT/<name>.failed).")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=1800, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0, max=WAIT_MAX), default=1800, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--wait"),
               help="Seconds to wait for another build of the same artifact before giving up.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @_common
@@ -188,7 +202,7 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               help="Caller threads submitting to the runtime at once (as a service's request threads do).")
 @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests kept in flight per device while throughput is measured.")
-@click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--slots", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="Chunks in flight per worker (the runtime's shared-memory slots per device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @_common
@@ -199,6 +213,7 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
           as_json: bool, quiet: bool, verbose: bool) -> None:
     """Serve RECIPE's artifact with the runtime on 1..N devices against PyTorch DDP, DataParallel and
     torch.compile: parity, throughput, latency, scaling. Writes bench.json, bench.md and plots."""
+    from trtforge.ownership import refuse_inside_owned
     from trtforge.pipeline import Build
     from trtforge.progress import Progress
     from trtforge.recipe import load_recipe
@@ -220,6 +235,7 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
         load_tokenizer(tokenizer)  # a wrong --tokenizer is refused before the build
     parsed = load_recipe(recipe)
     bench_dir = results or out_dir / f"{parsed.model.name}.bench"
+    refuse_inside_owned(bench_dir, "--results", may_be="the bench results")
     refuse_foreign_bench_dir(bench_dir)
     progress = Progress(quiet=quiet, verbose=verbose)
     builder = Build(parsed, out_dir, progress=progress)
@@ -245,7 +261,7 @@ def export() -> None:
 @export.command("triton")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("repo", type=click.Path(path_type=Path))
-@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), default=1, show_default=True,
               help="GPUs per instance group of the GPU models.")
 @_common
 @guarded
@@ -269,7 +285,7 @@ def export_triton(artifact: Path, repo: Path, gpus: int, quiet: bool, verbose: b
 @guarded
 def inspect(artifact: Path, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Summarise ARTIFACT (OUT/<name>) and verify every file's sha256 against its manifest."""
-    from trtforge.store import read_manifest, verify_files
+    from trtforge.manifest import read_manifest, verify_files
 
     manifest = read_manifest(artifact)
     problems = verify_files(artifact, manifest)

@@ -46,21 +46,28 @@ class ShapeError(TrtforgeError):
     """Inputs outside an engine's optimization profile."""
 
 
-# What each file-system refusal means for the user, by errno.
+# What each file-system refusal means for the user, by errno; {target} is what to change (--out, REPO).
 _OS_FIXES = {
-    errno.ENOSPC: "free some space or choose another --out",
-    errno.EDQUOT: "free some space or choose another --out",
+    errno.ENOSPC: "free some space{or_target}",
+    errno.EDQUOT: "free some space{or_target}",
     errno.EFBIG: "the file is larger than this process may write (ulimit -f); free space or raise the limit",
-    errno.EACCES: "choose a writable --out",
-    errno.EPERM: "choose a writable --out",
-    errno.EROFS: "choose an --out on a writable file system",
-    errno.ELOOP: "a symbolic link in the path points back at itself; fix the link or choose another --out",
-    errno.ENOTDIR: "a part of the path is a regular file; choose another --out",
-    errno.EEXIST: "a file is in the way; move it or choose another --out",
-    errno.ENAMETOOLONG: "use a shorter --out or [model] name",
+    errno.EACCES: "fix its permissions{or_target}",
+    errno.EPERM: "fix its permissions{or_target}",
+    errno.EROFS: "the file system is read-only{use_target}",
+    errno.ELOOP: "a symbolic link in the path points back at itself; fix the link",
+    errno.ENOTDIR: "a part of the path is a regular file; fix the path",
+    errno.EEXIST: "a file is in the way; move it",
+    errno.ENAMETOOLONG: "use a shorter path or [model] name",
+    errno.EINVAL: "the file system refused the name or the operation; use another path",
+    errno.ENOMEM: "the machine is out of memory; use smaller sizes or free memory",
 }
 
 
-def os_error_message(e: OSError) -> str:
+def os_error_message(e: OSError, target: str | None = None) -> str:
+    """One line for a file-system refusal: what the system said, on which path, and what to change
+    (`target`: the option or argument that chose the path, where there is one)."""
     where = f" ({e.filename})" if e.filename else ""
-    return f"{e.strerror or e}{where}; {_OS_FIXES.get(e.errno or 0, 'check the path and its permissions')}"
+    fix = _OS_FIXES.get(e.errno or 0, "check the path and its permissions")
+    fix = fix.format(or_target=f", or choose another {target}" if target else "",
+                     use_target=f"; choose another {target}" if target else "")
+    return f"{e.strerror or e}{where}; {fix}"

@@ -16,7 +16,7 @@ from trtforge.backends import backend
 from trtforge.backends.base import Engine, Target
 from trtforge.devices import GpuInfo
 from trtforge.errors import ArtifactError, CompatibilityError, EnvironmentProblem, ShapeError
-from trtforge.store import read_manifest, verify_files
+from trtforge.manifest import read_manifest, verify_files
 from trtforge.text import printable
 
 USABLE = ("passed", "built-not-checked")
@@ -131,14 +131,18 @@ def _major_minor(version: str) -> tuple[int, int] | None:
         return None
 
 
-def _device(device: str) -> GpuInfo | None:
+def _device(device: Any) -> GpuInfo | None:
+    from trtforge.checks import device_name
+
+    try:
+        device = device_name(device)
+    except ValueError as e:
+        raise CompatibilityError(str(e)) from None
     if device == "cpu":
         return None
-    if not device.startswith("cuda"):
-        raise CompatibilityError(f"unknown device {device!r}; use 'cpu' or 'cuda:N'")
     from trtforge.devices import gpu
 
-    return gpu(int(device.split(":")[1]) if ":" in device else 0)
+    return gpu(int(device.split(":")[1]))
 
 
 def select(manifest: dict[str, Any], gpu: GpuInfo | None, *, backend_name: str | None, device: str) -> dict[str, Any]:

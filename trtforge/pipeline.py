@@ -32,11 +32,18 @@ from trtforge.stages.engines import entry as entry_for
 from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
-from trtforge.store import (FAILED_SUFFIX, RESULT, SCHEMA, StageCache, key_of, publish, read_manifest,
-                            refuse_unowned, remove_leftovers, remove_owned, verify_files, write_json_atomic)
+from trtforge.manifest import SCHEMA, read_manifest, verify_files
+from trtforge.store import (FAILED_SUFFIX, RESULT, StageCache, key_of, publish, refuse_unowned, remove_leftovers,
+                            remove_owned, sha256_file, write_json_atomic)
 from trtforge.tokens import TEXT_CONFIG, TOKENIZER_DIR
 
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
+
+
+class StageFailed(TrtforgeError):
+    """A stage that could not complete for this model: the build fails with its reason."""
+
+    exit_code = 1
 
 
 def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
@@ -143,12 +150,16 @@ class Build:
         each stage and publish the artifact (or, for a failed rebuild of a passing one, beside it)."""
         from trtforge.preflight import preflight
 
+        from trtforge.ownership import refuse_inside_owned
+
+        refuse_inside_owned(self.out_dir, "--out")  # a later build would delete what lands in there
         self.fingerprint  # finds the weights (or says where they are missing)
         self.recipe = preflight(self.recipe)  # the model's config against the recipe: nothing written yet
         self.build_key  # resolves the model source and the engine plan
         refuse_unowned(self.artifact, self.recipe.model.name)
         refuse_unowned(self.failed_artifact, self.recipe.model.name)
-        with _undo_if_refused(self.out_dir, self.cache.root), self.cache.locked(timeout_s=self.wait_s):
+        with _naming(self.out_dir), _undo_if_refused(self.out_dir, self.cache.root), \
+                self.cache.locked(timeout_s=self.wait_s):
             self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
             remove_leftovers(self.out_dir, self.recipe.model.name)
             refuse_unowned(self.artifact, self.recipe.model.name)  # again: it may have changed while we waited
@@ -158,6 +169,8 @@ class Build:
                 if not manifest["parity"]["passed"]:
                     self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: "
                                        f"{self.artifact / REPORT_FILES[1]})")
+                else:
+                    remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded by the passing one
                 return BuildResult(self.artifact, manifest["parity"]["passed"], True, manifest)
             files, parity = self._run_stages()
             published, manifest = self._package(files, parity)
@@ -170,11 +183,20 @@ class Build:
         return BuildResult(published, passed, False, manifest)
 
     def _published_if_current(self) -> dict[str, Any] | None:
+        """The published manifest, if this build would write it as it is: the same build key, the
+        very manifest this cache's build published (its sha256 pinned here), every file verified."""
         try:
             manifest = read_manifest(self.artifact)
-        except TrtforgeError:
+        except TrtforgeError as e:
+            if self.artifact.exists():
+                self.progress.line(f"  {e}; rebuilding it")
             return None
         if manifest.get("build_key") != self.build_key:
+            return None
+        pinned = self.cache.published().get(self.artifact.name)
+        if pinned != sha256_file(self.artifact / "manifest.json"):
+            self.progress.line(f"  {self.artifact / 'manifest.json'} is not the manifest this cache's last build "
+                               f"published ({'edited since' if pinned else 'no record of it'}); rebuilding it")
             return None
         problems = verify_files(self.artifact, manifest)
         if problems:
@@ -204,7 +226,7 @@ class Build:
             self.stage_results[name] = cached
             return entry, cached
         with self.progress.stage(name, doing) as outcome, self.cache.writing(name, key) as scratch, \
-                _naming(scratch):
+                _naming(scratch), self._clean_failure(name):
             start = time.perf_counter()
             result = work(scratch)
             result["duration_s"] = round(time.perf_counter() - start, 3)
@@ -215,6 +237,23 @@ class Build:
         self.stage_records[name] = {**_record(result), "cached": False}
         self.stage_results[name] = result
         return entry, result
+
+    @contextlib.contextmanager
+    def _clean_failure(self, stage: str) -> Iterator[None]:
+        """A stage that fails in a library (an exporter, onnxruntime, a model's own code) fails the
+        build with one line naming the model, the stage and the reason: exit 1, nothing cached."""
+        try:
+            yield
+        except (TrtforgeError, OSError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:
+            if self.progress.verbose:
+                import traceback
+
+                traceback.print_exc()
+            reason = (str(e).strip().splitlines() or [""])[0][:300] or "no message"
+            raise StageFailed(f"{self.recipe.model.name}: the {stage} stage failed ({type(e).__name__}: {reason}); "
+                              "nothing was published (-v shows the traceback)") from e
 
     def _run_stages(self) -> tuple[dict[str, Path], list[tuple[str, ParityResult]]]:
         from trtforge.stages import steps as stages
@@ -311,16 +350,16 @@ class Build:
         """Publish the artifact; returns where it went and its manifest (with every file's sha256)."""
         with self.progress.stage("package", "manifest, reports, hashes") as outcome:
             parity = parity_section(parity_results)
-            recipe_text = self.recipe.path.read_text()
             manifest = self._manifest(parity, files)
             context = {"model": self.source_as_written, "task": self.recipe.model.task,
                        "built": manifest["created"], "reproduce": manifest["reproduce"]}
-            texts = {"recipe.toml": recipe_text, **render_reports(self.recipe.model.name, parity, context)}
-            if self.export_result().get("text", {}).get("tokenizer"):
-                texts[TEXT_CONFIG] = json.dumps(self._text_config(), indent=2) + "\n"
+            # The recipe as it was read and built, not as it may have been edited since.
+            texts = {"recipe.toml": self.recipe.text, **render_reports(self.recipe.model.name, parity, context)}
+            if manifest["text"] is not None:
+                texts[TEXT_CONFIG] = json.dumps(manifest["text"], indent=2) + "\n"
             destination = self._destination(parity["passed"])
             published = publish(self.out_dir, self.recipe.model.name, files, texts, manifest,
-                                directory=destination.name)
+                                directory=destination.name, before_swap=self.cache.record_published)
             if destination == self.artifact:
                 remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded
             outcome["summary"] = f"{len(manifest['files'])} files, parity {'passed' if parity['passed'] else 'FAILED'}"
@@ -344,7 +383,8 @@ class Build:
             "model": {"source": self.source_as_written, "task": self.recipe.model.task,
                       "architecture": self.recipe.model.architecture, "fingerprint": self.fingerprint,
                       "class": self.export_result().get("model_class"),
-                      "vocab_size": self.export_result().get("vocab_size")},
+                      "vocab_size": self.export_result().get("vocab_size"),
+                      "type_vocab_size": self.export_result().get("type_vocab_size")},
             "versions": self.versions,
             "host": {"platform": platform.platform(), "python": sys.version.split()[0]},
             "io": self.export_result().get("io", {}),
@@ -357,6 +397,7 @@ class Build:
             "engines": self.engine_entries,
             "defaults": choose_defaults(self.engine_entries),
             "skipped_backends": self.skipped_backends,
+            "text": self._text_config() if self.export_result().get("text", {}).get("tokenizer") else None,
             "reproduce": self.reproduce,
         }
 
@@ -414,7 +455,7 @@ def _undo_if_refused(out_dir: Path, cache_root: Path) -> Iterator[None]:
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise EnvironmentProblem(f"cannot create the output directory {out_dir}: {os_error_message(e)}") from None
+        raise EnvironmentProblem(f"cannot create the output directory {out_dir}: {os_error_message(e, '--out')}") from None
     try:
         yield
     except (TrtforgeError, OSError) as e:

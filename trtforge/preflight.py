@@ -26,6 +26,8 @@ from trtforge.errors import EnvironmentProblem, RecipeError
 from trtforge.recipe import Recipe, Shapes
 from trtforge.tasks import task_spec
 
+# Config keys that must be above zero: epsilons (LayerNorm's eps of -1 passes PyTorch, not ONNX Runtime).
+POSITIVE = re.compile(r"(_eps|_epsilon|^eps|^epsilon)$")
 # Config keys that count or size something: a value below 1 makes no model.
 COUNT_OR_SIZE = re.compile(r"^(num|n)_|(_size|_layers?|_heads?|_dim|_positions|_embeddings|_labels|_embd|_ctx|"
                            r"_channels)$|^(dim|vocab_size)$")
@@ -101,6 +103,14 @@ def check_overrides(recipe: Recipe, config: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and COUNT_OR_SIZE.search(key) and value < 1:
             raise _error(recipe, where, f"{value} is below the minimum of 1 (it counts or sizes part of the model)",
                          "use a positive value")
+        if isinstance(value, dict) and not isinstance(default, dict):
+            takes = _kind(default) if default is not None else "a value"
+            raise _error(recipe, where, f"is a table, but {kind}.{key} takes {takes}", "write a single value")
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            raise _error(recipe, where, f"{value} is not a finite number", "use a finite value")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and POSITIVE.search(key) and value <= 0:
+            raise _error(recipe, where, f"{value} must be above 0 (an epsilon or a scale divides by it)",
+                         "use a small positive value such as 1e-12")
 
 
 def _same_kind(default: Any, value: Any) -> bool:
@@ -129,11 +139,22 @@ def instantiate_on_meta(recipe: Recipe, config: Any) -> None:
     auto = getattr(transformers, task_spec(recipe.model.task).auto_class)
     try:
         with torch.device("meta"):
-            auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code, attn_implementation="eager")
-    except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as e:
+            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
+                                     attn_implementation="eager")
+    except KeyError as e:  # an unknown name looked up in a table: an activation, a norm, a layer type
+        raise _error(recipe, "model.config", f"the model's code has no {e.args[0]!r} (an unknown name in a "
+                     "config value such as hidden_act)", "use a value the model's code knows") from None
+    except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError, AttributeError,
+            IndexError, NotImplementedError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _error(recipe, "model.config", f"the model's code rejects this config: {message[:300]}",
                      "fix the [model] config values it names") from None
+    weights = 4 * sum(p.numel() for p in model.parameters())  # FP32, as loaded and exported
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if weights > MEMORY_SHARE * total:
+        raise _error(recipe, "model.config", f"the model has {weights / 4e9:.1f} G parameters ({weights / 2**30:.0f} GiB "
+                     f"in FP32), above the limit of {MEMORY_SHARE * total / 2**30:.0f} GiB (half of this machine's "
+                     "memory)", "use smaller sizes (vocab_size, hidden_size, layers)")
 
 
 def resolve_shapes(recipe: Recipe, config: Any) -> Shapes:

@@ -141,6 +141,7 @@ class Recipe:
     fp16: FP16Spec
     engines: EngineSpec
     raw: dict[str, Any]
+    text: str = ""  # the file as it was read: what the artifact's recipe.toml holds (not a later edit)
 
     @property
     def hash(self) -> str:
@@ -150,6 +151,7 @@ class Recipe:
         data = asdict(self)
         data["path"] = str(self.path)
         data.pop("raw")
+        data.pop("text")
         return data
 
 
@@ -335,14 +337,14 @@ def _engines(path: Path, section: Section | None, extent_name: str, outputs: tup
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and validate a recipe. Raises RecipeError with an actionable one-line message."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(path, None, "no such recipe file", "check the path (recipes/ holds examples)")
+    text = _read_recipe_file(path)
+    if text.startswith("\ufeff"):
+        raise RecipeError(path, None, "starts with a UTF-8 byte-order mark, which TOML does not allow",
+                          "save it as UTF-8 without a BOM")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, None, f"malformed TOML ({e})", "fix the syntax at that line") from None
-    except UnicodeDecodeError:
-        raise RecipeError(path, None, "not a UTF-8 text file", "save the recipe as UTF-8 TOML") from None
 
     root = Section(path, "", raw)
     model_section = root.sub("model")
@@ -397,4 +399,32 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     engines = _engines(path, root.sub("engines"), extent_name, outputs)
     root.finish()
     return Recipe(path=path, model=model, shapes=shapes, export=export, validate=validate, fp16=fp16,
-                  engines=engines, raw=raw)
+                  engines=engines, raw=raw, text=text)
+
+
+RECIPE_MAX_BYTES = 1 << 20  # a recipe is a few dozen lines
+
+
+def _read_recipe_file(path: Path) -> str:
+    """The recipe's text, read once (what is built is what is copied into the artifact)."""
+    import stat
+
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise RecipeError(path, None, "no such recipe file", "check the path (recipes/ holds examples)") from None
+    except OSError as e:
+        raise RecipeError(path, None, f"cannot be read ({e.strerror})", "check the path and its permissions") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecipeError(path, None, "is a directory, not a recipe file", "pass the .toml file inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(path, None, "is not a regular file (a pipe or device)", "pass a .toml file")
+    if info.st_size > RECIPE_MAX_BYTES:
+        raise RecipeError(path, None, f"is {info.st_size} bytes, far larger than a recipe",
+                          "pass the recipe's .toml file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(path, None, "not a UTF-8 text file", "save the recipe as UTF-8 TOML") from None
+    except OSError as e:
+        raise RecipeError(path, None, f"cannot be read ({e.strerror})", "check its permissions") from None

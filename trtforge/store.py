@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -42,17 +43,38 @@ from typing import Any
 from trtforge.errors import ArtifactError, TrtforgeError
 
 MANIFEST = "manifest.json"
-SCHEMA = "trtforge.manifest/2"
 SCHEMA_FAMILY = "trtforge.manifest/"
 RESULT = "stage.json"
 FILES = "files.json"
 TMP_PREFIX = ".tmp-"
 FAILED_SUFFIX = ".failed"
 SHA256 = re.compile(r"[0-9a-f]{64}")
+PUBLISHED = "published.json"  # in the cache: the sha256 of each manifest this cache's builds published
+# A cache entry: <stage>-<16 hex>, where a stage is export, validate, fp16 or engine-<backend>-<target>.
+ENTRY = re.compile(r"(export|validate|fp16|engine-[A-Za-z0-9._-]+)-[0-9a-f]{16}")
 
 
 class BusyError(TrtforgeError):
     """Another build holds the artifact's lock for longer than we were asked to wait."""
+
+
+def remove_tree(path: Path) -> None:
+    """Remove what trtforge made at `path`: a directory's own tree, or a file; a link is removed
+    itself, never followed (what it points at is not trtforge's)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def real_directory(path: Path, what: str) -> None:
+    """Refuse a `path` that is a link or not a directory: trtforge never works through a link in
+    a directory it owns (deleting there would delete what the link points at)."""
+    if path.is_symlink():
+        raise ArtifactError(f"{path} is a symbolic link; trtforge keeps {what} only in a real directory it created "
+                            "(it would otherwise delete what the link points at): remove the link")
+    if os.path.lexists(path) and not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory, and trtforge keeps {what} there: move it away")
 
 
 def sha256_file(path: Path) -> str:
@@ -106,11 +128,22 @@ class StageCache:
     def locked(self, *, timeout_s: float = 1800.0) -> Iterator[None]:
         """Serialise builds of one artifact: a second build says whom it waits for, waits at most
         `timeout_s`, then finds the first one's work."""
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise ValueError(f"timeout_s must be a finite number of seconds >= 0, got {timeout_s!r}")
+        real_directory(self.root.parent, "its stage cache")
+        real_directory(self.root, "the stage cache of " + self.name)
         self.root.mkdir(parents=True, exist_ok=True)
+        real_directory(self.root, "the stage cache of " + self.name)  # again: it may have been swapped meanwhile
         path = self.root / "lock"
-        with path.open("a+") as lock:
+        try:  # never through a link: the lock file is truncated and written
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ArtifactError(f"{path} is a symbolic link, not the lock trtforge writes: remove the link") from None
+        with os.fdopen(fd, "r+") as lock:
             if not _try_lock(lock):
-                holder = path.read_text().strip() or "another process"
+                holder = lock.read().strip() or "another process"
                 self.warn(f"waiting for the build of {self.name} that holds {path} ({holder}); "
                           f"giving up after {timeout_s:.0f} s")
                 deadline = time.monotonic() + timeout_s
@@ -133,7 +166,8 @@ class StageCache:
 
     def _remove_leftovers(self) -> None:
         for path in self.root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                remove_tree(path)
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / f"{stage}-{key}"
@@ -145,17 +179,21 @@ class StageCache:
         if not entry.is_dir():
             return None
         problems = self._verify(entry)
-        if problems:
-            self.warn(f"cache entry {entry.name} fails verification ({problems[0]}); rebuilding it")
-            shutil.rmtree(entry, ignore_errors=True)
+        result = None if problems else _json_or_none(entry / RESULT)
+        if not isinstance(result, dict):
+            self.warn(f"cache entry {entry.name} fails verification ({problems[0] if problems else RESULT + ' unreadable'});"
+                      " rebuilding it")
+            with contextlib.suppress(OSError):
+                remove_tree(entry)
             return None
-        return json.loads((entry / RESULT).read_text())
+        return result
 
     @staticmethod
     def _verify(entry: Path) -> list[str]:
-        try:
-            expected = json.loads((entry / FILES).read_text())
-        except (OSError, ValueError):
+        if entry.is_symlink():
+            return ["a symbolic link, not an entry trtforge wrote"]
+        expected = _json_or_none(entry / FILES)
+        if expected is None:
             return [f"{FILES} missing or unreadable"]
         if not isinstance(expected, dict) or RESULT not in expected:
             return [f"{FILES} does not record {RESULT}"]
@@ -174,8 +212,8 @@ class StageCache:
         entry, atomically."""
         write_json_atomic(scratch / FILES, file_records(scratch, skip=(FILES,)))
         final = self.path(stage, key)
-        if final.exists():  # forced rebuild: replace the old entry
-            shutil.rmtree(final)
+        if os.path.lexists(final):  # forced rebuild: replace the old entry
+            remove_tree(final)
         os.rename(scratch, final)
         return final
 
@@ -193,10 +231,38 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def prune(self, keep: set[str]) -> None:
-        """Drop cache entries that the current build no longer uses."""
+        """Drop cache entries that the current build no longer uses: only directories named as
+        trtforge names its entries (never a link, never anything else someone put here)."""
+        real_directory(self.root, "the stage cache of " + self.name)
         for entry in self.root.iterdir():
-            if entry.name not in keep and not entry.name.startswith(TMP_PREFIX) and entry.name != "lock":
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+            if entry.name in keep or not ENTRY.fullmatch(entry.name):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                self.warn(f"left {entry} alone: not a cache entry trtforge wrote")
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def record_published(self, directory: str, manifest_sha256: str) -> None:
+        """Pin the manifest a build published, so that a later build can tell it was edited."""
+        records = self.published()
+        records[directory] = manifest_sha256
+        write_json_atomic(self.root / PUBLISHED, records)
+
+    def published(self) -> dict[str, str]:
+        records = _json_or_none(self.root / PUBLISHED)
+        if not isinstance(records, dict):
+            return {}
+        return {k: v for k, v in records.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _json_or_none(path: Path) -> Any:
+    """A small JSON file of the cache, or None where it is missing, a link, or not JSON."""
+    try:
+        if path.is_symlink():
+            return None
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def _try_lock(lock: Any) -> bool:
@@ -217,6 +283,10 @@ def check_records(root: Path, expected: dict[str, Any]) -> list[str]:
     problems = []
     resolved_root = root.resolve()
     for rel, record in expected.items():
+        if not (safe_relative(rel) and isinstance(record, dict) and isinstance(record.get("size"), int)
+                and isinstance(record.get("sha256"), str)):
+            problems.append(f"{str(rel)[:80]}: its record is not a path with a size and a sha256")
+            continue
         path = root / rel
         try:
             info = os.lstat(path)
@@ -242,9 +312,11 @@ def owned(path: Path, name: str) -> bool:
         return False
     if not any(path.iterdir()):
         return True
+    if (path / MANIFEST).is_symlink():
+        return False
     try:
         manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return (isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith(SCHEMA_FAMILY)
             and manifest.get("name") == name)
@@ -266,11 +338,13 @@ def temporary_names(out_dir: Path, name: str) -> list[Path]:
 
 def remove_leftovers(out_dir: Path, name: str) -> None:
     for path in temporary_names(out_dir, name):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+        with contextlib.suppress(OSError):
+            remove_tree(path)
 
 
 def publish(out_dir: Path, name: str, files: dict[str, tuple[Path, str | None]], texts: dict[str, str],
-            manifest: dict[str, Any], *, directory: str | None = None) -> Path:
+            manifest: dict[str, Any], *, directory: str | None = None,
+            before_swap: Callable[[str, str], None] = lambda directory, manifest_sha256: None) -> Path:
     """Assemble the artifact beside its final place, then swap it in.
 
     `files` maps artifact-relative paths to (source file, its expected sha256 or None): each is
@@ -299,6 +373,7 @@ def publish(out_dir: Path, name: str, files: dict[str, tuple[Path, str | None]],
             records[rel] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
         manifest["files"] = dict(sorted(records.items()))
         write_json_atomic(staging / MANIFEST, manifest)
+        before_swap(final.name, sha256_file(staging / MANIFEST))  # pinned first: a kill after the swap keeps it
         _swap(staging, final)
     finally:
         if staging.exists():
@@ -360,95 +435,3 @@ def _swap(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     shutil.rmtree(staging, ignore_errors=True)  # now holds the previous artifact
-
-
-# --- reading and verifying a manifest -------------------------------------------------------------------
-
-def read_manifest(artifact: Path) -> dict[str, Any]:
-    """The manifest of `artifact`, validated: every field that is used later has its type, and
-    every path is relative and inside the artifact. ArtifactError (exit 2) otherwise."""
-    if artifact.name.startswith(TMP_PREFIX):
-        raise ArtifactError(f"{artifact} is a temporary directory of an unfinished or killed build, not an artifact; "
-                            "the next build of that artifact removes it")
-    path = artifact / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{artifact} is not a trtforge artifact (no {MANIFEST}); "
-                            "build it with `trtforge build RECIPE`")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path} is not UTF-8 text; rebuild the artifact with `trtforge build RECIPE --force`") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild with `trtforge build RECIPE --force`") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} holds a JSON {type(manifest).__name__}, not an object; "
-                            "rebuild with `trtforge build RECIPE --force`")
-    if manifest.get("schema") != SCHEMA:
-        raise ArtifactError(f"{path} has schema {manifest.get('schema')!r}, this trtforge reads {SCHEMA!r}; "
-                            "rebuild it with this version")
-    problems = manifest_problems(manifest)
-    if problems:
-        raise ArtifactError(f"{path} is not a valid manifest: {problems[0]}"
-                            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
-                            "rebuild with `trtforge build RECIPE --force`")
-    return manifest
-
-
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str, "created": str, "build_key": str, "files": dict, "parity": dict, "engines": list,
-    "defaults": dict, "io": dict, "shapes": dict, "stages": dict, "versions": dict, "model": dict,
-    "reproduce": str, "roles": dict,
-}
-
-
-def manifest_problems(manifest: dict[str, Any]) -> list[str]:
-    """Why a manifest cannot be trusted, one line each (empty when it can)."""
-    from trtforge.backends import engine_file_of
-    from trtforge.recipe import BACKENDS
-
-    problems = [f"field {key!r} is missing or not {kind.__name__ if isinstance(kind, type) else kind}"
-                for key, kind in _FIELDS.items() if not isinstance(manifest.get(key), kind)]
-    if problems:
-        return problems
-    for rel, record in manifest["files"].items():
-        if not safe_relative(rel):
-            problems.append(f"files entry {rel!r} is not a relative path inside the artifact")
-        elif rel == MANIFEST:
-            problems.append(f"files lists {MANIFEST} itself")
-        elif not (isinstance(record, dict) and isinstance(record.get("size"), int) and record["size"] >= 0
-                  and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
-            problems.append(f"files entry {rel!r} needs a size and a sha256")
-    if not isinstance(manifest["parity"].get("passed"), bool):
-        problems.append("parity.passed is not a boolean")
-    for i, engine in enumerate(manifest["engines"]):
-        if not isinstance(engine, dict) or engine.get("backend") not in BACKENDS:
-            problems.append(f"engines[{i}] has no known backend")
-            continue
-        target = engine.get("target")
-        expected_dir = f"engines/{engine['backend']}/{target}"
-        if not isinstance(target, str) or not safe_relative(target) or "/" in target:
-            problems.append(f"engines[{i}] target {target!r} is not a plain name")
-        elif engine.get("dir") != expected_dir:
-            problems.append(f"engines[{i}] dir {engine.get('dir')!r} is not {expected_dir!r}")
-        elif engine.get("file") != f"{expected_dir}/{engine_file_of(engine['backend'])}":
-            problems.append(f"engines[{i}] file {engine.get('file')!r} is not the {engine['backend']} engine "
-                            f"file of {expected_dir}")
-        elif engine.get("status") in ("passed", "built-not-checked") and engine["file"] not in manifest["files"]:
-            problems.append(f"engines[{i}] file {engine['file']!r} is not listed in files")
-    for role, rel in manifest["roles"].items():
-        if not isinstance(rel, str) or rel not in manifest["files"]:
-            problems.append(f"role {role!r} names {rel!r}, which files does not list")
-    return problems
-
-
-def verify_files(artifact: Path, manifest: dict[str, Any], only: list[str] | None = None) -> list[str]:
-    """Check every listed file (or those under the paths in `only`): a regular file inside the
-    artifact with the recorded size and sha256; and, for the whole artifact, that no file is there
-    that the manifest does not list. One line per problem (empty when all match)."""
-    listed = manifest["files"]
-    if only is None:
-        problems = check_records(artifact, listed)
-        extra = set(file_records_names(artifact)) - set(listed) - {MANIFEST}
-        return problems + [f"{rel}: not listed in the manifest" for rel in sorted(extra)]
-    chosen = {rel: r for rel, r in listed.items() if any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in only)}
-    return check_records(artifact, chosen)

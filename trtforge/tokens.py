@@ -37,11 +37,22 @@ def pooling_of(model_dir: Path | None) -> dict[str, Any] | None:
     return {"mode": modes[0], "normalize": "Normalize" in kinds, "source": "sentence-transformers modules.json"}
 
 
-def save_tokenizer(tokenizer: Any, directory: Path) -> bool:
-    """Save a fast tokenizer (one that writes tokenizer.json); False for slow ones, which are not packaged."""
+def save_tokenizer(tokenizer: Any, directory: Path, *, max_length: int) -> bool:
+    """Save a fast tokenizer (one that writes tokenizer.json); False for slow ones, which are not packaged.
+
+    The saved files truncate exactly as text.json says, at `max_length` (the validated sequence
+    max), and do not pad: a consumer that loads tokenizer.json alone (the tokenizers library), or
+    tokenizer_config.json through transformers, cuts texts where the artifact was validated, not
+    at whatever length the tokenizer object last truncated to."""
+    import copy
+
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         return False
-    tokenizer.save_pretrained(directory)
+    shipped = copy.deepcopy(tokenizer)
+    shipped.model_max_length = max_length
+    shipped.backend_tokenizer.no_padding()
+    shipped.backend_tokenizer.enable_truncation(max_length)
+    shipped.save_pretrained(directory)
     return (directory / "tokenizer.json").is_file()
 
 

@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.errors import ArtifactError, EnvironmentProblem, TrtforgeError
-from trtforge.store import MANIFEST, TMP_PREFIX, _swap, read_manifest, sha256_file, verify_files
+from trtforge.manifest import read_manifest, verify_files, walk_problems
+from trtforge.ownership import TRITON_MARKER as MARKER
+from trtforge.ownership import TRITON_SCHEMA, refuse_inside_owned, triton_record
+from trtforge.store import MANIFEST, TMP_PREFIX, _swap, sha256_file
 
-MARKER = "hashes.json"
+MAX_GPUS = 256  # GPUs per instance group: more than any one host has
 TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8"}
 ONNX_TYPES = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
@@ -63,10 +66,18 @@ def _pb() -> Any:
 
 def export_triton(artifact: Path, repo: Path, *, gpus: int = 1) -> list[TritonModel]:
     """Write REPO from ARTIFACT; returns the models written. Nothing is written unless every config passes."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+        raise ArtifactError(f"--gpus {gpus!r} is not a whole number of GPUs from 1 to {MAX_GPUS}; pass how many "
+                            "GPUs each GPU instance group uses")
     manifest = read_manifest(artifact)
     problems = verify_files(artifact, manifest)
     if problems:
         raise ArtifactError(f"{artifact}: {problems[0]}; rebuild it before exporting")
+    repo = Path(repo).absolute()
+    refuse_inside_owned(repo, "REPO", may_be="the Triton repository")
+    if Path(artifact).resolve().is_relative_to(repo.resolve()):
+        raise ArtifactError(f"REPO {repo} holds the artifact {artifact}, which the export would replace: "
+                            "choose a REPO outside it")
     _refuse_foreign(repo)
     models = plan_models(artifact, manifest, gpus=gpus)
     for model in models:
@@ -122,7 +133,7 @@ def plan_models(artifact: Path, manifest: dict[str, Any], *, gpus: int) -> list[
 
 def _text_model(pb: Any, artifact: Path, manifest: dict[str, Any], graph: Path) -> TritonModel:
     """Strings in: the artifact's tokenizer, its validated truncation limit and its pooling, inside Triton."""
-    text = json.loads((artifact / manifest["roles"]["text-config"]).read_text())
+    text = manifest["text"]  # text.json restates it; verify_files checked that it does
     config = pb.ModelConfig(name=f"{manifest['name']}_text", backend="python", max_batch_size=manifest["shapes"]["batch"][2])
     outputs = manifest["io"]["outputs"]
     if text.get("pooling"):  # one pooled vector per text
@@ -232,11 +243,26 @@ def check_config(model: TritonModel) -> None:
 
 
 def _refuse_foreign(repo: Path) -> None:
+    """REPO is replaced whole, so it must be absent, empty, or exactly what an earlier export wrote:
+    its record lists every file in it, each unchanged. Anything else there is someone's."""
     if repo.is_symlink() or (repo.exists() and not repo.is_dir()):
         raise ArtifactError(f"{repo} is in the way of the Triton repository; move it or choose another REPO")
-    if repo.is_dir() and any(repo.iterdir()) and not (repo / MARKER).is_file():
-        raise ArtifactError(f"{repo} exists and is not a Triton repository written by trtforge (no {MARKER}); "
-                            "move it away or choose another REPO")
+    if not repo.is_dir() or not any(repo.iterdir()):
+        return
+    record = triton_record(repo)
+    if record is None:
+        raise ArtifactError(f"{repo} exists and is not a Triton repository written by trtforge (no {MARKER} of "
+                            f"its own); trtforge replaces only what it wrote: move it away or choose another REPO")
+    present, problems = walk_problems(repo)
+    ours = set(record["files"]) | {MARKER}
+    problems += [f"{rel} was not written by trtforge export" for rel in present if rel not in ours]
+    for rel, digest in record["files"].items():
+        path = repo / rel
+        if rel in present and sha256_file(path) != digest:
+            problems.append(f"{rel} was changed since trtforge wrote it")
+    if problems:
+        raise ArtifactError(f"{repo}: {problems[0]}; the export replaces the repository whole, so it refuses to "
+                            "delete it: move that file away, or choose another REPO")
 
 
 def _write(repo: Path, artifact: Path, manifest: dict[str, Any], models: list[TritonModel]) -> None:
@@ -259,10 +285,11 @@ def _write(repo: Path, artifact: Path, manifest: dict[str, Any], models: list[Tr
                     recorded = manifest["files"][source.relative_to(artifact).as_posix()]["sha256"]
                     if hashes[f"{model.name}/{rel}"] != recorded:
                         raise ArtifactError(f"{source} changed while it was copied; export again")
-        record = {"artifact": manifest["name"], "manifest_sha256": sha256_file(artifact / MANIFEST),
+        record = {"schema": TRITON_SCHEMA, "artifact": manifest["name"], "manifest_sha256": sha256_file(artifact / MANIFEST),
                   "build_key": manifest["build_key"], "files": hashes}
-        (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "README.md").write_text(_readme(manifest, record, models))
+        hashes["README.md"] = sha256_file(staging / "README.md")
+        (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         _swap(staging, repo)
     finally:
         if staging.exists():

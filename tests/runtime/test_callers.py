@@ -7,7 +7,7 @@ import pytest
 
 from trtforge.runtime import Runtime
 from trtforge.runtime.callers import _checksum, feed_for, measure_processes
-from trtforge.store import read_manifest
+from trtforge.manifest import read_manifest
 
 
 def test_caller_processes_share_the_requests_and_agree_with_one_runtime(artifact):

@@ -51,7 +51,7 @@ def test_the_slots_per_worker_bound_what_is_in_flight_and_all_come_back(artifact
 
 def test_slots_must_be_a_positive_whole_number(artifact):
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="slots is the chunks in flight per worker"):
+        with pytest.raises(ValueError, match="the chunks in flight per worker"):
             Runtime(artifact, devices=1, slots=bad)
 
 

@@ -108,7 +108,7 @@ class TensorRTBackend(Backend):
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
             (out / "timing.cache").write_bytes(cache_path.read_bytes())
-            meta["timing_cache"] = f".trtforge/timing-caches/{cache_path.name}"  # relative to the output directory
+            meta["timing_cache"] = f".trtforge/.timing-caches/{cache_path.name}"  # relative to the output directory
         if target.kind == "gpu" or target.gpu is not None:
             meta["layers"] = self._inspect(plan, out)
         return meta

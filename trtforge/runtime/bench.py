@@ -244,7 +244,7 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
     from trtforge.models import load_model
     from trtforge.runtime.baselines import run_compiled, run_data_parallel, run_ddp
     from trtforge.runtime.pool import Runtime, chunk_shapes, default_batching
-    from trtforge.store import read_manifest
+    from trtforge.manifest import read_manifest
 
     on_gpu = config.cpu_workers == 0
     available = torch.cuda.device_count() if on_gpu else config.cpu_workers

@@ -81,7 +81,7 @@ def measure_processes(artifact: str | Path, *, devices: int | list[str], rows: i
 def _caller(artifact: str, devices: Any, rows: int, sequence: int, requests: int, depth: int, outputs: str,
             slots: int, warmup: int, barrier: Any, results: Any, start_timeout_s: float) -> None:
     from trtforge.runtime.pool import Runtime, chunk_shapes, default_batching
-    from trtforge.store import read_manifest
+    from trtforge.manifest import read_manifest
 
     try:
         manifest = read_manifest(Path(artifact))

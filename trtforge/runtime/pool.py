@@ -43,8 +43,9 @@ from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, cpu_shares,
                                         resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
-from trtforge.runtime.shm import ALIGN, SLOTS, Heap, layout_bytes, max_bytes, send_plain
-from trtforge.store import read_manifest
+from trtforge.runtime.shm import ALIGN, MAX_SLOTS, SLOTS, Heap, layout_bytes, max_bytes, send_plain
+from trtforge.checks import seconds, whole_number
+from trtforge.manifest import read_manifest, verified_text_config
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
 
@@ -83,6 +84,9 @@ class Runtime:
         import torch.multiprocessing as tmp
 
         started = time.perf_counter()
+        timeout_s = seconds("timeout_s", timeout_s)
+        start_timeout_s = seconds("start_timeout_s", start_timeout_s)
+        whole_number("slots", slots, 1, MAX_SLOTS, "the chunks in flight per worker")
         self.artifact = Path(artifact)
         manifest = read_manifest(self.artifact)
         self.manifest = manifest
@@ -104,9 +108,7 @@ class Runtime:
         if self.batching == "length" and outputs == "device":
             raise ValueError("length-aware batching returns host outputs in input order; use outputs='host' "
                              "or batching='fixed'")
-        self.text = _text_config(self.artifact, manifest)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise ValueError(f"slots is the chunks in flight per worker, a whole number of at least 1; got {slots!r}")
+        self.text = verified_text_config(self.artifact, manifest)  # the files the workers read, verified first
         self.slots = slots
         self.devices = resolve_devices(devices)
         if in_process and len(self.devices) != 1:
@@ -232,7 +234,8 @@ class Runtime:
         return self._result_layouts[key]
 
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return request_arrays(batch, self.inputs, self.manifest["model"].get("vocab_size"))
+        model = self.manifest["model"]
+        return request_arrays(batch, self.inputs, model.get("vocab_size"), model.get("type_vocab_size"))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -615,10 +618,3 @@ def _to_width(array: np.ndarray, width: int) -> np.ndarray:
     wider = np.zeros((array.shape[0], width, *array.shape[2:]), dtype=array.dtype)  # (np.pad: 10x slower)
     wider[:, :array.shape[1]] = array
     return wider
-
-
-def _text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    import json
-
-    rel = manifest["roles"].get("text-config")
-    return json.loads((artifact / rel).read_text()) if rel else None

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from trtforge.checks import device_name
 from trtforge.errors import CompatibilityError, TrtforgeError
 from trtforge.runtime.shm import SLOTS, Arena, DeviceHeap
 
@@ -50,6 +51,9 @@ class Worker:
     local: Any = None  # in-process (worker.InProcess): no process, no pipes; chunks run in the sender's thread
 
 
+MAX_CPU_WORKERS = 1024
+
+
 def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
     """"all" (every GPU), "cpu", an int N (N CPU workers, for tests), or a list of GPU indices/names."""
     if devices == "all":
@@ -66,12 +70,16 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
         raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
     if isinstance(devices, int):
         return ["cpu"] * devices
-    if isinstance(devices, str) or not devices:
+    if isinstance(devices, int) and devices > MAX_CPU_WORKERS:
+        raise ValueError(f"devices={devices}: at most {MAX_CPU_WORKERS} CPU workers")
+    if isinstance(devices, str) or not isinstance(devices, Sequence) or not devices:
         raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
+    names = []
     for d in devices:
-        if isinstance(d, bool) or (isinstance(d, int) and d < 0):
-            raise ValueError(f"devices: {d!r} is not a GPU index (0, 1, ...)")
-    return [d if isinstance(d, str) else f"cuda:{d}" for d in devices]
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
+            raise ValueError(f"devices: {d!r} is not a GPU index (0, 1, ...) or a device name ('cpu', 'cuda:N')")
+        names.append(device_name(d) if isinstance(d, str) else f"cuda:{d}")
+    return names
 
 
 def cpu_shares(devices: Sequence[str], cores: Sequence[int]) -> list[tuple[int, ...] | None]:

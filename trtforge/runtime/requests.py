@@ -18,12 +18,18 @@ from trtforge.runtime.batching import as_array
 from trtforge.runtime.shm import Layout
 
 
-def request_arrays(batch: Mapping[str, Any], inputs: list[dict[str, Any]], vocab: int | None) -> dict[str, np.ndarray]:
+def request_arrays(batch: Mapping[str, Any], inputs: list[dict[str, Any]], vocab: int | None,
+                   type_vocab: int | None = None) -> dict[str, np.ndarray]:
     """The request as arrays of the engine's dtypes, or a clear error at the call: unknown or
-    misspelled names, types that cannot be cast safely, token ids outside the vocabulary."""
+    misspelled names, types that cannot be cast safely, ids outside their embedding tables
+    (input_ids and the vocabulary, token_type_ids and the type vocabulary), checked on the values
+    as sent (a uint64 id is shown as it is, not as the int64 it would wrap to)."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"a request is a dict of named inputs ({', '.join(s['name'] for s in inputs)}), "
                         f"got {type(batch).__name__}")
+    if not batch:
+        raise ShapeError(f"the request is empty; send a dict with {', '.join(s['name'] for s in inputs)}")
+    tables = {"input_ids": (vocab, "the vocabulary"), "token_type_ids": (type_vocab, "the token type vocabulary")}
     specs = {s["name"]: s for s in inputs}
     for name in batch:
         if name not in specs:
@@ -33,20 +39,23 @@ def request_arrays(batch: Mapping[str, Any], inputs: list[dict[str, Any]], vocab
     arrays = {}
     for name, value in batch.items():
         array = as_array(value, name)
+        if name in tables and array.size and array.dtype.kind in "iu":
+            _check_ids(name, array, *tables[name])
         want = np.dtype(specs[name]["dtype"])
         if array.dtype != want:
             if not np.can_cast(array.dtype, want, casting="same_kind") or array.dtype.kind == "f" and want.kind != "f":
                 raise TypeError(f"input {name!r} is {array.dtype}, the engine takes {want}; convert it")
             array = array.astype(want)
         arrays[name] = array
-    ids = arrays.get("input_ids")
-    if vocab and ids is not None and ids.size:
-        lowest, highest = int(ids.min()), int(ids.max())
-        if lowest < 0 or highest >= vocab:
-            bad = lowest if lowest < 0 else highest
-            raise ShapeError(f"input_ids holds {bad}, outside the vocabulary [0, {vocab}); the model would "
-                             "read past its embedding table")
     return arrays
+
+
+def _check_ids(name: str, array: np.ndarray, size: int | None, table: str) -> None:
+    lowest, highest = int(array.min()), int(array.max())  # Python ints: exact for every integer dtype
+    if lowest < 0 or (size and highest >= size):
+        bad = lowest if lowest < 0 else highest
+        limit = f"[0, {size})" if size else "[0, ...)"
+        raise ShapeError(f"{name} holds {bad}, outside {table} {limit}; the model would read past its embedding table")
 
 
 def request_rows(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]],

@@ -36,7 +36,7 @@ from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
 from trtforge.runtime.shm import Arena, layout_bytes, place, send_plain, tensor_views
-from trtforge.tokens import TEXT_CONFIG, pool
+from trtforge.tokens import pool
 
 
 def serve(index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
@@ -101,7 +101,7 @@ def _set_up(artifact: str, device: str, backend_name: str | None, warm: list[tup
     start = time.perf_counter()
     engine = trtforge.load(artifact, device, backend_name=backend_name)
     loaded_s = time.perf_counter() - start
-    text = TextEncoder(Path(artifact), engine.profile) if (Path(artifact) / TEXT_CONFIG).is_file() else None
+    text = TextEncoder.of(Path(artifact), engine.profile)
     io = _DataPath(device, inputs, outputs, heap)
     io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
     for batch, length in warm:  # the shapes this workload will meet: set up before the first request
@@ -546,12 +546,19 @@ class TextEncoder:
     sorted by length and run in batches cut to their longest, pooling where text.json declares it;
     results in the order of the texts given. prepare() tokenizes (the reader thread), finish() runs."""
 
-    def __init__(self, artifact: Path, profile: dict[str, tuple[int, int, int]]) -> None:
-        import json
+    @classmethod
+    def of(cls, artifact: Path, profile: dict[str, tuple[int, int, int]]) -> TextEncoder | None:
+        """The artifact's text encoder, its files verified against the manifest first (the worker
+        reads them itself); None where the artifact has no text interface."""
+        from trtforge.manifest import read_manifest, verified_text_config
 
+        config = verified_text_config(artifact, read_manifest(artifact))
+        return cls(artifact, config, profile) if config is not None else None
+
+    def __init__(self, artifact: Path, config: dict[str, Any], profile: dict[str, tuple[int, int, int]]) -> None:
         import transformers
 
-        self.config = json.loads((artifact / TEXT_CONFIG).read_text())
+        self.config = config
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
         self.tokenizer.padding_side = "right"  # the engine's positions count from the first column
         self.max_batch = profile["batch"][2]

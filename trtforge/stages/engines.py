@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "tensorrt-rtx")
 WORKER_TIMEOUT_S = 3600
+# Beside the artifacts' caches under OUT/.trtforge/; a dot name, which no artifact name can be.
+TIMING_CACHES = ".timing-caches"
 PR_SET_PDEATHSIG = 1
 
 
@@ -148,7 +150,7 @@ def _start(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Pat
                        outputs=export["io"]["outputs"], shapes=shapes,
                        options={**_options(build), **_model_facts(build)},
                        extra_profiles=[_with_both_extents(p) for p in build.recipe.engines.extra_profiles],
-                       cache_dir=str(build.cache.root.parent / "timing-caches"))
+                       cache_dir=str(build.cache.root.parent / TIMING_CACHES))
         spec = {"job": asdict(job), "check": runnable_here(planned.target), "reference": str(reference_path),
                 "signature": signature_of(export["io"]["inputs"]),
                 "policy": task_policy(task_spec(build.recipe.model.task)),

@@ -24,13 +24,14 @@ def export(build: Build, scratch: Path) -> dict[str, Any]:
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     config = loaded.model.config
-    tokenizer = save_tokenizer(loaded.tokenizer, scratch / TOKENIZER_DIR)
+    tokenizer = save_tokenizer(loaded.tokenizer, scratch / TOKENIZER_DIR, max_length=build.recipe.shapes.extent[2])
     return {
         "text": {"tokenizer": tokenizer, "pooling": pooling_of(loaded.spec.local_dir) if tokenizer else None},
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
         "hidden_size": getattr(config, "hidden_size", 0),
         "vocab_size": getattr(config, "vocab_size", 0),
+        "type_vocab_size": getattr(config, "type_vocab_size", None),  # the range of token_type_ids
         "opset": build.recipe.export.opset,
         "model_class": type(loaded.model).__name__,
         "nodes": len(graph.node),
