@@ -6,6 +6,7 @@ Exit codes: 0 passed, 1 a parity gate or a verification failed (reports are stil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -146,6 +147,7 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
     return numbers
 
 
+DEFAULT_BATCHES = "1,32,128"
 BASELINES = ("ddp", "ddp-sorted", "dataparallel", "compile")
 
 
@@ -156,6 +158,22 @@ def _baselines(value: str) -> tuple[str, ...]:
         raise click.BadParameter(f"unknown baseline {unknown[0]!r}; use any of {', '.join(BASELINES)}",
                                  param_hint="--baselines")
     return names
+
+
+def _refuse_outside_profile(config: Any, recipe: Any) -> None:
+    """Batches and the sequence length the recipe's engines cannot take, refused before the build."""
+    from trtforge.errors import TrtforgeError
+
+    top = recipe.shapes.batch[2]
+    if max(config.batches) > top:
+        raise TrtforgeError(f"--batches {max(config.batches)} is above the recipe's [shapes] batch max {top}; "
+                            f"use batches up to {top}")
+    extent = recipe.shapes.extent
+    synthetic = config.text is None and config.workload is None  # real text takes its own lengths
+    if synthetic and recipe.shapes.extent_name == "sequence" and extent is not None \
+            and not extent[0] <= config.sequence <= extent[2]:
+        raise TrtforgeError(f"--sequence {config.sequence} is outside the recipe's [shapes] sequence "
+                            f"[{extent[0]}, {extent[2]}]; use a length within it")
 
 
 def refuse_foreign_bench_dir(path: Path) -> None:
@@ -178,8 +196,10 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               show_default=True, help="Output root of the artifact (built first if needed).")
 @click.option("--results", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where the reports and plots go.  [default: OUT/<name>.bench]")
-@click.option("--batches", default="1,32,128", show_default=True, help="Per-device batch sizes.")
-@click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length.")
+@click.option("--batches", default=None,
+              help="Per-device batch sizes.  [default: 1,32,128, those within the recipe's [shapes] batch]")
+@click.option("--sequence", type=click.IntRange(min=1), default=None,
+              help="Sequence length.  [default: 128, or the recipe's [shapes] sequence max if shorter]")
 @click.option("--devices", "device_counts", default=None, help="Device counts to run, e.g. 1,2,4.  [default: 1..all]")
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed batches per measurement.")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Untimed batches first.")
@@ -207,7 +227,7 @@ def refuse_foreign_bench_dir(path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @_common
 @guarded
-def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, sequence: int, device_counts: str | None,
+def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str | None, sequence: int | None, device_counts: str | None,
           iterations: int, warmup: int, cpu_workers: int, outputs: str, text: Path | None, workload: str | None,
           baselines: str, backend: str | None, tokenizer: str | None, callers: int, depth: int, slots: int,
           as_json: bool, quiet: bool, verbose: bool) -> None:
@@ -222,7 +242,7 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Every option is checked before the (possibly long) build.
-    config = BenchConfig(batches=_ints(batches, "--batches"), sequence=sequence, iterations=iterations,
+    config = BenchConfig(batches=_ints(batches or DEFAULT_BATCHES, "--batches"), sequence=sequence or 128, iterations=iterations,
                          warmup=warmup, device_counts=_ints(device_counts, "--devices") if device_counts else None,
                          cpu_workers=cpu_workers, outputs=outputs, text=text, workload=workload, backend=backend,
                          baselines=_baselines(baselines), callers=callers, depth=depth, slots=slots,
@@ -234,6 +254,12 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str, seque
 
         load_tokenizer(tokenizer)  # a wrong --tokenizer is refused before the build
     parsed = load_recipe(recipe)
+    if batches is None:  # the default, cut to what the recipe's engines take
+        top = parsed.shapes.batch[2]
+        config = dataclasses.replace(config, batches=tuple(b for b in config.batches if b <= top) or (top,))
+    if sequence is None and parsed.shapes.extent_name == "sequence" and parsed.shapes.extent is not None:
+        config = dataclasses.replace(config, sequence=min(config.sequence, parsed.shapes.extent[2]))
+    _refuse_outside_profile(config, parsed)
     bench_dir = results or out_dir / f"{parsed.model.name}.bench"
     refuse_inside_owned(bench_dir, "--results", may_be="the bench results")
     refuse_foreign_bench_dir(bench_dir)

@@ -346,12 +346,15 @@ def verify_files(artifact: Path, manifest: dict[str, Any], only: list[str] | Non
         problems = []
         chosen = {rel: r for rel, r in listed.items()
                   if any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in only)}
-        for prefix in only:  # a link in the way of a chosen path is a problem even when the files check out
-            for part in Path(prefix).parents:
-                if part != Path(".") and (artifact / part).is_symlink():
+        for prefix in only:  # a link in the way, or anything unlisted inside a chosen directory
+            for part in (*reversed(Path(prefix).parents[:-1]), Path(prefix)):
+                if (artifact / part).is_symlink():
                     problems.append(f"{part.as_posix()}: a symbolic link (artifacts hold no links)")
-            if (artifact / prefix).is_symlink():
-                problems.append(f"{prefix}: a symbolic link (artifacts hold no links)")
+            if not problems and (artifact / prefix).is_dir():
+                present, links = walk_problems(artifact / prefix)
+                problems += [f"{prefix}/{line}" for line in links]
+                problems += [f"{prefix}/{rel}: not listed in the manifest" for rel in present
+                             if f"{prefix}/{rel}" not in listed]
     file_problems = check_records(artifact, chosen)
     problems += file_problems
     if not file_problems:

@@ -32,6 +32,9 @@ def source_fingerprint(spec: ModelSpec) -> dict[str, str]:
                           sort_keys=True)
         return {"kind": "random", "sha256": hashlib.sha256(blob.encode()).hexdigest()}
     if spec.local_dir is not None:
+        if not (spec.local_dir / "config.json").is_file():  # before hashing what may be a whole tree
+            raise EnvironmentProblem(f"[model] source {spec.source!r} is a directory without config.json, so not a "
+                                     "model directory; point it at the folder that holds config.json and the weights")
         return {"kind": "local", "sha256": hash_directory(spec.local_dir)}  # content, not where it lies
     return {"kind": "hub", "id": spec.source, "revision": _hub_revision(spec)}
 

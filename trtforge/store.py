@@ -322,7 +322,19 @@ def owned(path: Path, name: str) -> bool:
             and manifest.get("name") == name)
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_bytes().decode("utf-8")), dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def refuse_unowned(path: Path, name: str) -> None:
+    if not owned(path, name) and path.is_dir() and not path.is_symlink() and os.path.lexists(path / MANIFEST) \
+            and not _readable_json(path / MANIFEST):
+        raise ArtifactError(f"{path} has a {MANIFEST} that trtforge cannot read (damaged or edited), so it cannot "
+                            "tell that it made this directory and will not replace it: if it is a damaged artifact of "
+                            "yours, delete it and build again")
     if not owned(path, name):
         raise ArtifactError(f"{path} exists and is not a trtforge artifact named {name!r}; trtforge replaces only "
                             "its own artifacts: move it away, or choose another [model] name or --out")
