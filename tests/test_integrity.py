@@ -605,3 +605,15 @@ def test_bench_refuses_batches_and_lengths_the_recipe_cannot_take_before_buildin
         code, _, stderr = cli("bench", str(recipe), "--out", str(tmp_path / "out"), "--cpu", "1", *args)
         assert_one_line_refusal(code, stderr, words)
     assert not (tmp_path / "out").exists()
+
+
+@needs_minilm
+def test_encode_refuses_a_bare_string_and_names_a_bad_element(minilm):
+    from trtforge.runtime import Runtime
+
+    with Runtime(minilm, devices=1, in_process=True) as rt:
+        with pytest.raises(TypeError, match=r"got one str \(it would be read as 7 one-character texts\); pass \[text\]"):
+            rt.encode("a query")
+        with pytest.raises(TypeError, match=r"texts\[1\] is int 3"):
+            rt.encode(["fine", 3])
+        assert rt.encode(["a query"])["embedding"].shape == (1, 384)

@@ -31,6 +31,25 @@ class GpuInfo:
         return {**asdict(self), "sm": self.sm, "model_key": self.model_key}
 
 
+def gpu_signature() -> list[str]:
+    """What GPUs this machine shows, cheaply (no torch, no CUDA): the driver's description of each
+    (/proc/driver/nvidia/gpus/*/information) and CUDA_VISIBLE_DEVICES. Engines are planned per GPU,
+    so a change here means the engine plan may differ."""
+    import os
+
+    root = Path("/proc/driver/nvidia/gpus")
+    described = []
+    if root.is_dir():
+        for info in sorted(root.glob("*/information")):
+            try:
+                described.append(info.read_text())
+            except OSError:
+                described.append(info.parent.name)
+    elif Path("/dev/nvidiactl").exists():
+        described.append("nvidia device without /proc description")
+    return [*described, f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"]
+
+
 def list_gpus() -> list[GpuInfo]:
     """The CUDA devices torch sees (none on a CPU-only machine or with a CPU build of torch)."""
     import shutil

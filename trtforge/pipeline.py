@@ -46,6 +46,21 @@ class StageFailed(TrtforgeError):
     exit_code = 1
 
 
+ENGINE_LIBRARIES = ("onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-rtx-cu12",
+                    "tensorrt-rtx-cu13", "tensorrt_rtx_cu13_libs", "tensorrt_cu13_libs")
+
+
+def engine_library_versions() -> dict[str, str]:
+    """Installed engine libraries (what the engine plan depends on), from package metadata only."""
+    found = {}
+    for name in ENGINE_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
     versions = {"python": platform.python_version(), "trtforge": __version__}
     for name in names:
@@ -154,6 +169,8 @@ class Build:
 
         refuse_inside_owned(self.out_dir, "--out")  # a later build would delete what lands in there
         self.fingerprint  # finds the weights (or says where they are missing)
+        if not self.force and (done := self._nothing_to_do()) is not None:
+            return done
         self.recipe = preflight(self.recipe)  # the model's config against the recipe: nothing written yet
         self.build_key  # resolves the model source and the engine plan
         refuse_unowned(self.artifact, self.recipe.model.name)
@@ -182,6 +199,45 @@ class Build:
         self.progress.line(line)
         return BuildResult(published, passed, False, manifest)
 
+    @cached_property
+    def request_key(self) -> str:
+        """What decides, without importing torch or transformers, that a build would redo nothing:
+        the recipe as written, the weights' fingerprint, the tool and engine-library versions, and
+        the GPUs this machine shows. Recorded beside the published manifest's sha256."""
+        from trtforge.devices import gpu_signature
+
+        return key_of("request", SCHEMA, self.recipe.hash, self.fingerprint, self.versions, engine_library_versions(),
+                      gpu_signature())
+
+    def _nothing_to_do(self) -> BuildResult | None:
+        """The no-op rebuild, decided by the request key and the manifest alone: the published
+        manifest is the one this cache recorded for this very request, and every file's sha256
+        matches it. None where anything differs (the full check then runs, and says why)."""
+        record = self.cache.published_record(self.artifact.name)
+        if record is None or record.get("request_key") != self.request_key or not self.artifact.is_dir():
+            return None
+        try:
+            manifest = read_manifest(self.artifact)
+        except TrtforgeError:
+            return None
+        if manifest["name"] != self.recipe.model.name:
+            return None
+        with _naming(self.out_dir), self.cache.locked(timeout_s=self.wait_s):
+            if record != self.cache.published_record(self.artifact.name) \
+                    or sha256_file(self.artifact / "manifest.json") != record.get("manifest_sha256") \
+                    or verify_files(self.artifact, manifest):
+                return None
+            self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
+            self.progress.line(f"  up to date: the recipe, the model and the tools are as built, and every file's "
+                               f"sha256 matches {self.artifact / 'manifest.json'}; nothing to do (--force rebuilds)")
+            passed = manifest["parity"]["passed"]
+            if passed:
+                remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded by the passing one
+            else:
+                self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: "
+                                   f"{self.artifact / REPORT_FILES[1]})")
+        return BuildResult(self.artifact, passed, True, manifest)
+
     def _published_if_current(self) -> dict[str, Any] | None:
         """The published manifest, if this build would write it as it is: the same build key, the
         very manifest this cache's build published (its sha256 pinned here), every file verified."""
@@ -193,7 +249,7 @@ class Build:
             return None
         if manifest.get("build_key") != self.build_key:
             return None
-        pinned = self.cache.published().get(self.artifact.name)
+        pinned = (self.cache.published_record(self.artifact.name) or {}).get("manifest_sha256")
         if pinned != sha256_file(self.artifact / "manifest.json"):
             self.progress.line(f"  {self.artifact / 'manifest.json'} is not the manifest this cache's last build "
                                f"published ({'edited since' if pinned else 'no record of it'}); rebuilding it")
@@ -359,7 +415,8 @@ class Build:
                 texts[TEXT_CONFIG] = json.dumps(manifest["text"], indent=2) + "\n"
             destination = self._destination(parity["passed"])
             published = publish(self.out_dir, self.recipe.model.name, files, texts, manifest,
-                                directory=destination.name, before_swap=self.cache.record_published)
+                                directory=destination.name,
+                                before_swap=lambda name, sha: self.cache.record_published(name, sha, self.request_key))
             if destination == self.artifact:
                 remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded
             outcome["summary"] = f"{len(manifest['files'])} files, parity {'passed' if parity['passed'] else 'FAILED'}"

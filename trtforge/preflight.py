@@ -26,6 +26,9 @@ from trtforge.errors import EnvironmentProblem, RecipeError
 from trtforge.recipe import Recipe, Shapes
 from trtforge.tasks import task_spec
 
+# Encoder-decoders whose forward needs decoder inputs (BART-like models derive them from input_ids and
+# export as they are): what trtforge's tasks feed is not enough for them.
+NEEDS_DECODER_INPUTS = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
 # Config keys that must be above zero: epsilons (LayerNorm's eps of -1 passes PyTorch, not ONNX Runtime).
 POSITIVE = re.compile(r"(_eps|_epsilon|^eps|^epsilon)$")
 # Config keys that count or size something: a value below 1 makes no model.
@@ -45,6 +48,7 @@ def preflight(recipe: Recipe) -> Recipe:
     with _quiet_transformers():  # its config warnings are repeated when the model loads
         check_overrides(recipe, model_config(recipe, with_overrides=False))
         config = model_config(recipe, with_overrides=True)  # built the way load_model builds it
+        check_task_fits(recipe, config)
         instantiate_on_meta(recipe, config)
     shapes = resolve_shapes(recipe, config)
     check_memory(recipe, config, shapes)
@@ -130,6 +134,28 @@ def _kind(default: Any) -> str:
             tuple: "a list", dict: "a table"}.get(type(default), type(default).__name__)
 
 
+def check_task_fits(recipe: Recipe, config: Any) -> None:
+    """Model and task combinations that export cannot take, refused with the real fix (the dynamo
+    exporter fixes neither of these)."""
+    kind = type(config).__name__
+    if config.model_type in NEEDS_DECODER_INPUTS and recipe.model.task != "causal-lm":
+        raise _error(recipe, "model.task", f"{kind} is an encoder-decoder model, and trtforge exports encoder-only and "
+                     f"decoder-only models (task {recipe.model.task} would need the decoder's inputs too)",
+                     "use an encoder-only model (BERT, RoBERTa, MPNet, ...) for embeddings; exporting an "
+                     "encoder-decoder's encoder alone is not supported yet")
+    batch_max = recipe.shapes.batch[2]
+    if recipe.model.task == "sequence-classification" and getattr(config, "pad_token_id", 0) is None and batch_max > 1:
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        vocab = getattr(config, "vocab_size", None)
+        fits = isinstance(eos, int) and (not isinstance(vocab, int) or eos < vocab)
+        value = f"pad_token_id = {eos}" if fits else f"pad_token_id = <a token id below vocab_size {vocab}>"
+        raise _error(recipe, "model.config", f"{kind} has no pad_token_id, and its classifier finds each row's last "
+                     f"token by it, so batches above 1 (the recipe's max is {batch_max}) cannot be classified",
+                     f"add `{value}` to [model] config (the end-of-text id, as GPT-2 fine-tunes do), or "
+                     "use [shapes] batch = [1, 1, 1]")
+
+
 def instantiate_on_meta(recipe: Recipe, config: Any) -> None:
     """Build the model without memory, so that combinations its code rejects (a hidden size that
     the head count does not divide, say) fail here rather than after the export cache is written."""
@@ -185,14 +211,26 @@ def resolve_shapes(recipe: Recipe, config: Any) -> Shapes:
     return shapes
 
 
+def _largest(config: Any, keys: tuple[str, ...], default: int) -> int:
+    """The first of `keys` the config has, as one number: per-stage lists (Swin's num_heads,
+    ConvNeXt's hidden_sizes) count by their largest entry."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            value = max((v for v in value if isinstance(v, (int, float))), default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return default
+
+
 def check_memory(recipe: Recipe, config: Any, shapes: Shapes) -> None:
     """Refuse validation shapes whose PyTorch FP32 forward would take more than a share of this
     machine's memory: a rough upper estimate of one layer's live activations."""
     from trtforge.stages.validate import validation_shapes
 
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0) or getattr(config, "n_embd", 0) or 768)
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0) or 12)
-    patch = int(getattr(config, "patch_size", 16) or 16)
+    hidden = _largest(config, ("hidden_size", "dim", "n_embd"), 768)
+    heads = _largest(config, ("num_attention_heads", "n_heads", "num_heads"), 12)
+    patch = _largest(config, ("patch_size",), 16)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for label, (batch, extent) in validation_shapes(shapes).items():
         tokens = (extent // patch) ** 2 + 1 if shapes.extent_name == "image" else extent

@@ -242,17 +242,22 @@ class StageCache:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
 
-    def record_published(self, directory: str, manifest_sha256: str) -> None:
-        """Pin the manifest a build published, so that a later build can tell it was edited."""
-        records = self.published()
-        records[directory] = manifest_sha256
+    def record_published(self, directory: str, manifest_sha256: str, request_key: str) -> None:
+        """Pin the manifest a build published (and the request that built it), so that a later
+        build can tell it was edited, or that nothing has changed."""
+        records = {k: v for k, v in self._published().items() if k != directory}
+        records[directory] = {"manifest_sha256": manifest_sha256, "request_key": request_key}
         write_json_atomic(self.root / PUBLISHED, records)
 
-    def published(self) -> dict[str, str]:
-        records = _json_or_none(self.root / PUBLISHED)
-        if not isinstance(records, dict):
-            return {}
-        return {k: v for k, v in records.items() if isinstance(k, str) and isinstance(v, str)}
+    def published_record(self, directory: str) -> dict[str, str] | None:
+        record = self._published().get(directory)
+        if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("manifest_sha256", "request_key")):
+            return record
+        return None
+
+    def _published(self) -> dict[str, Any]:
+        records = _json_or_none(self.root / PUBLISHED) if not self.root.is_symlink() else None
+        return records if isinstance(records, dict) else {}
 
 
 def _json_or_none(path: Path) -> Any:

@@ -112,3 +112,22 @@ def test_the_fast_float16_clamp_matches_onnxruntimes_bit_for_bit():
         ours, theirs = clamp_to_float16(values), convert_np_to_float16(values)
         assert ours.dtype == theirs.dtype == np.float16
         assert ours.tobytes() == theirs.tobytes()
+
+
+def test_the_culprit_search_works_when_the_fp16_graph_lacks_an_intermediate(tmp_path):
+    """Conversion can rename or fold an FP32 graph's intermediate (a held-out MPNet's GELU Div output
+    was gone): the search compares the tensors both graphs compute instead of failing the build."""
+    from trtforge.stages.fp16 import find_culprits
+
+    fp32 = _overflowing_graph(tmp_path / "overflow.onnx")
+    fp16 = convert(fp32, tmp_path / "overflow.fp16.onnx", keep_ops=(), keep_nodes=[])
+    model = onnx.load(str(fp16))
+    original = next(n for n in model.graph.node if n.name == "square").output[0]
+    renamed = original + "_renamed"
+    for node in model.graph.node:
+        node.output[:] = [renamed if o == original else o for o in node.output]
+        node.input[:] = [renamed if i == original else i for i in node.input]
+    onnx.save(model, str(fp16))
+    feed = {"x": np.full((2, 16), 3.0, np.float32)}
+    culprits, reason = find_culprits(fp32, fp16, feed, kept=[])
+    assert culprits and reason  # found from the tensors both graphs still compute

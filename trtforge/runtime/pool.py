@@ -120,6 +120,7 @@ class Runtime:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
+        self._progress = time.monotonic()  # the last time any worker answered
         input_bytes, output_bytes = self._slot_bytes()
         # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
         # results twice over (those in flight, those the caller still holds); past that, copies.
@@ -258,9 +259,15 @@ class Runtime:
         self._check_open()
         if self.text is None:
             raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
+        if isinstance(texts, (str, bytes)):
+            raise TypeError(f"encode() takes a list of texts, got one {type(texts).__name__} (it would be read as "
+                            f"{len(texts)} one-character texts); pass [text]")
         texts = list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("encode() takes a non-empty list of strings")
+        if not texts:
+            raise ValueError("encode() takes a non-empty list of strings, got an empty one")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode() takes strings; texts[{index}] is {type(text).__name__} {text!r:.60}")
         live = self._live()
         cut = TEXT_BYTES_PER_TOKEN * self.text["max_length"]
         texts = [t[:cut] for t in texts]
@@ -329,6 +336,7 @@ class Runtime:
         request.queued[chunk.index] = time.monotonic()
         with request.lock:
             request.in_flight += 1
+            request.deadline = request.queued[chunk.index] + self.timeout_s
         if worker.local is not None:  # run here, now; the dispatch loop that called goes on after it
             self._handle(worker, worker.local.handle((kind, chunk.request_id, chunk.index, slot, layout, target)),
                          dispatch=False)
@@ -480,8 +488,11 @@ class Runtime:
             request.future.set_exception(error)
 
     def _answered(self, request: Request) -> None:
+        now = time.monotonic()
+        self._progress = now
         with request.lock:
             request.in_flight -= 1
+            request.deadline = now + self.timeout_s  # progress: the wait starts again
         self._settle(request)
 
     def _settle(self, request: Request) -> None:
@@ -514,17 +525,21 @@ class Runtime:
         self._dispatch()
 
     def _watch(self) -> None:
-        """Fail what has waited past its deadline."""
+        """Fail requests that stopped making progress: `timeout_s` bounds the wait for a worker's
+        next answer, not the size of the work. A request with chunks in flight waits for its own
+        answers; one still queued behind others waits while the runtime answers anyone."""
         while not self._closed:
             time.sleep(0.05)
             now = time.monotonic()
             with self._lock:
-                late = [(i, r) for i, r in self._requests.items() if now > r.deadline]
+                late = [(i, r) for i, r in self._requests.items()
+                        if now > r.deadline and (r.in_flight or now > self._progress + self.timeout_s)]
             for request_id, request in late:
                 workers = sorted(set(request.workers.values()))
-                self._fail(request_id, RequestTimeout(f"no answer within {self.timeout_s:.0f} s"
-                                                      + (f" from worker(s) {workers}" if workers else
-                                                         " (every worker busy with earlier requests)")))
+                where = f" from worker(s) {workers}" if workers else " (every worker busy with earlier requests)"
+                self._fail(request_id, RequestTimeout(
+                    f"no answer for {self.timeout_s:g} s{where}; Runtime(timeout_s=...) (default 60) bounds the wait "
+                    "for a worker's next answer, whatever the request's size: a worker has stopped answering"))
 
     # --- shutdown -------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -195,6 +195,7 @@ def find_culprits(fp32: Path, fp16: Path, feed: Feed, *, kept: list[str], per_ro
     names = sorted({o for n in nodes for o in n.output if o in floats})
     ref = _run_with_intermediates(fp32, names, feed)
     got = _run_with_intermediates(fp16, names, feed)
+    names = [name for name in names if name in got]  # the FP16 graph may have renamed or folded some
 
     def error(name: str) -> float:
         r, g = ref[name].astype(np.float64), got[name].astype(np.float64)
@@ -243,6 +244,10 @@ def _run_with_intermediates(path: Path, names: list[str], feed: Feed) -> dict[st
 
     model = onnx.load(str(path))
     existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    # Only tensors this graph computes: conversion renames or drops some of the FP32 graph's (casts
+    # around kept nodes, folded round trips), and asking for one it lacks fails the whole session.
+    computed = {o for node in model.graph.node for o in node.output} | existing
+    present = [n for n in names if n in computed]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in present if n not in existing)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(names, session.run(names, feed)))
+    return dict(zip(present, session.run(present, feed)))
