@@ -6,7 +6,7 @@ not the bytes it moves.
 
 Builds a one-layer BERT classifier (random weights, hidden 32, onnxruntime-cpu engine), then sends
 requests of 32 x 2 rows of 8 tokens (no padding) to a runtime of two CPU workers, four requests in
-flight per worker, with trtforge.runtime.bench.measure_runtime, and reports the caller process's CPU
+flight per worker, with trtforge.bench.harness.measure_runtime, and reports the caller process's CPU
 time (all its threads) per chunk: the median of --runs runs. Writes caller-chunk-cost[-LABEL].json
 and .md. Run it at two commits to compare them (git worktree add, then run there).
 """
@@ -55,7 +55,7 @@ def main() -> None:
     from trtforge.pipeline import Build
     from trtforge.recipe import load_recipe
     from trtforge.runtime import Runtime
-    from trtforge.runtime.bench import measure_runtime
+    from trtforge.bench.harness import measure_runtime
 
     ids = np.random.default_rng(0).integers(1, 1000, (ROWS * WORKERS, TOKENS))
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

@@ -1,4 +1,4 @@
-"""Several caller processes in front of the same devices (trtforge/runtime/callers.py): throughput of
+"""Several caller processes in front of the same devices (trtforge/bench/callers.py): throughput of
 P processes, each with its own Runtime over every device, against one.
 
     python benchmarks/caller_processes.py ARTIFACT --devices 2 --batch 32 --processes 1,2,4 --out DIR
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from trtforge.runtime.callers import measure_processes
+    from trtforge.bench.callers import measure_processes
 
     devices = args.devices if args.cpu else [f"cuda:{i}" for i in range(args.devices)]
     runs = []

@@ -1,4 +1,4 @@
-"""The runtime against PyTorch eager FP16 on real text, one GPU (see trtforge/runtime/realtext.py).
+"""The runtime against PyTorch eager FP16 on real text, one GPU (see trtforge/bench/workloads.py).
 
     python benchmarks/real_text.py RECIPE --out DIR [--tokenizer DIR] [--rows 4096] [--batch 128]
         [--request-rows 1024] [--passes 3] [--compile]
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 
-from trtforge.runtime import realtext as rtx
+from trtforge.bench import workloads as rtx
 from trtforge.tokens import TEXT_CONFIG
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     from trtforge.progress import Progress
     from trtforge.recipe import load_recipe
     from trtforge.runtime import Runtime
-    from trtforge.runtime.baselines import torch_model
+    from trtforge.bench.baselines import torch_model
     from trtforge.runtime.batching import buckets
 
     recipe = load_recipe(args.recipe)

@@ -69,7 +69,7 @@ def test_minilm_onnxruntime_cuda_engine_is_built_checked_and_loaded(minilm):
     # sentence embeddings out, against sentence-transformers' pooling from PyTorch FP32.
     from tests.conftest import minilm_sentence_embeddings
     from trtforge.runtime import Runtime
-    from trtforge.runtime.realtext import corpus
+    from trtforge.bench.workloads import corpus
 
     texts, _ = corpus("short", 300)
     with Runtime(artifact, devices=[0], timeout_s=120) as rt:

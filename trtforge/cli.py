@@ -179,7 +179,7 @@ def _refuse_outside_profile(config: Any, recipe: Any) -> None:
 def refuse_foreign_bench_dir(path: Path) -> None:
     """Bench results go into a directory of their own: refuse one that holds anything else."""
     from trtforge.errors import ArtifactError
-    from trtforge.runtime.bench import BENCH_FILES
+    from trtforge.bench.harness import BENCH_FILES
 
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ArtifactError(f"{path} is in the way of the bench results; move it or pass --results DIR")
@@ -237,7 +237,7 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str | None
     from trtforge.pipeline import Build
     from trtforge.progress import Progress
     from trtforge.recipe import load_recipe
-    from trtforge.runtime.bench import BenchConfig, bench as run_bench, write_report
+    from trtforge.bench.harness import BenchConfig, bench as run_bench, write_report
 
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -250,7 +250,7 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str | None
     if text is not None and workload is not None:
         raise click.UsageError("give --text FILE or --workload, not both")
     if tokenizer is not None:
-        from trtforge.runtime.bench import load_tokenizer
+        from trtforge.bench.harness import load_tokenizer
 
         load_tokenizer(tokenizer)  # a wrong --tokenizer is refused before the build
     parsed = load_recipe(recipe)

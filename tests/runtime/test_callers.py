@@ -1,4 +1,4 @@
-"""Several caller processes, each with its own Runtime over the same devices (runtime/callers.py)."""
+"""Several caller processes, each with its own Runtime over the same devices (bench/callers.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trtforge.runtime import Runtime
-from trtforge.runtime.callers import _checksum, feed_for, measure_processes
+from trtforge.bench.callers import _checksum, feed_for, measure_processes
 from trtforge.manifest import read_manifest
 
 

@@ -16,16 +16,15 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from trtforge.backends import backend
 from trtforge.backends.base import BuildJob, Target
 from trtforge.compare import ParityResult
+from trtforge.stages.context import BuildContext
 from trtforge.store import key_of
 from trtforge.tasks import IMAGE, SEQUENCE
 
-if TYPE_CHECKING:
-    from trtforge.pipeline import Build
 
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "tensorrt-rtx")
 WORKER_TIMEOUT_S = 3600
@@ -49,7 +48,7 @@ class Planned:
         return f"engines/{self.backend}/{self.target.name}"
 
 
-def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
+def plan(build: BuildContext) -> tuple[list[Planned], list[dict[str, Any]]]:
     """The engines this recipe asks for on this machine, and the backends skipped (with the reason)."""
     from trtforge.devices import list_gpus
 
@@ -81,7 +80,7 @@ def plan(build: Build) -> tuple[list[Planned], list[dict[str, Any]]]:
     return planned, skipped
 
 
-def _options(build: Build) -> dict[str, Any]:
+def _options(build: BuildContext) -> dict[str, Any]:
     """The recipe's build options: part of each engine's cache key, so known before anything runs."""
     spec = build.recipe.engines
     return {
@@ -93,7 +92,7 @@ def _options(build: Build) -> dict[str, Any]:
     }
 
 
-def _model_facts(build: Build) -> dict[str, Any]:
+def _model_facts(build: BuildContext) -> dict[str, Any]:
     """What the exported model is (for ONNX Runtime's fusions). Not part of the key: the export key,
     already in it through the FP16 key, determines these."""
     export = build.export_result()
@@ -105,7 +104,7 @@ def runnable_here(target: Target) -> bool:
     return target.kind != "aot" or target.gpu is not None
 
 
-def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, *,
+def run_workers(build: BuildContext, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, *,
                 alongside: Callable[[], None] = lambda: None) -> dict[str, dict[str, Any]]:
     """Start one worker per engine, all at once, run `alongside` meanwhile, and wait for them.
     Returns results by stage name."""
@@ -121,7 +120,7 @@ def run_workers(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16
         reference_path.unlink(missing_ok=True)
 
 
-def _run(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
+def _run(build: BuildContext, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
          alongside: Callable[[], None]) -> dict[str, dict[str, Any]]:
     export = build.export_result()
     shapes = {"batch": list(build.recipe.shapes.batch), SEQUENCE: list(build.recipe.shapes.extent),
@@ -138,7 +137,7 @@ def _run(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path,
                 process.wait()
 
 
-def _start(build: Build, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
+def _start(build: BuildContext, jobs: list[tuple[Planned, Path]], fp32: Path, fp16: Path, reference_path: Path,
            export: dict[str, Any], shapes: dict[str, list[int]],
            processes: dict[str, tuple[subprocess.Popen[str], Path]]) -> None:
     from trtforge.stages.validate import signature_of, task_policy
@@ -218,7 +217,7 @@ def outcome(planned: Planned, result: dict[str, Any]) -> tuple[str, ParityResult
                                              note=f"built for {ccs} ahead of time; no such GPU on this machine to run it")
 
 
-def entry(build: Build, planned: Planned, result: dict[str, Any]) -> tuple[dict[str, Any], ParityResult]:
+def entry(build: BuildContext, planned: Planned, result: dict[str, Any]) -> tuple[dict[str, Any], ParityResult]:
     """The manifest entry of one engine, and its parity section."""
     status, parity = outcome(planned, result)
     engine_backend = backend(planned.backend)

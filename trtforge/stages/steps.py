@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from trtforge.pipeline import Build
+from trtforge.stages.context import BuildContext
 
 
-def export(build: Build, scratch: Path) -> dict[str, Any]:
+def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from trtforge.stages.export import export_onnx
@@ -48,14 +47,14 @@ def _io(spec: Any, values: Any) -> dict[str, Any]:
     return {**asdict(spec), "shape": shape}
 
 
-def validate(build: Build, fp32: Path) -> dict[str, Any]:
+def validate(build: BuildContext, fp32: Path) -> dict[str, Any]:
     from trtforge.stages.validate import validate_onnx
 
     parity = validate_onnx(fp32, build.reference, tolerance=build.recipe.validate.tolerance, name="onnx-fp32")
     return {"status": "passed" if parity.passed else "failed", "parity": parity.as_dict()}
 
 
-def fp16(build: Build, fp32: Path, scratch: Path) -> dict[str, Any]:
+def fp16(build: BuildContext, fp32: Path, scratch: Path) -> dict[str, Any]:
     from trtforge.stages.fp16 import make_fp16
 
     result = make_fp16(fp32, scratch / "model.fp16.onnx", build.reference, build.recipe.fp16)

@@ -33,7 +33,7 @@ class BenchConfig:
     cpu_workers: int = 0  # > 0: CPU engines and a gloo DDP baseline (for machines without a GPU)
     outputs: str = "host"
     text: Path | None = None
-    workload: str | None = None  # "short" or "passage": real text (see realtext.py), padded per request
+    workload: str | None = None  # "short" or "passage": real text (see workloads.py), padded per request
     baselines: tuple[str, ...] = ("ddp", "dataparallel", "compile")
     backend: str | None = None
     callers: int = 1  # caller threads submitting at once
@@ -63,18 +63,18 @@ def workload_feed(loaded: Any, kind: str, rows: int, sequence: int) -> tuple[dic
     """`rows` real texts of a workload, tokenized (cut at `sequence`) and padded to the longest of them,
     as a padding collator makes a batch; returns the feed, the seconds tokenizing took, and the
     source with the count of real tokens."""
-    from trtforge.runtime import realtext
+    from trtforge.bench import workloads
 
     if loaded.tokenizer is None:
         from trtforge.errors import EnvironmentProblem
 
         raise EnvironmentProblem(f"--workload needs a tokenizer, and {loaded.spec.source!r} has none; "
                                  "bench a model with a tokenizer or drop --workload")
-    texts, source = realtext.corpus(kind, rows)
+    texts, source = workloads.corpus(kind, rows)
     start = time.perf_counter()
-    ids = realtext.token_ids(loaded.tokenizer, texts, sequence)
+    ids = workloads.token_ids(loaded.tokenizer, texts, sequence)
     seconds = time.perf_counter() - start
-    feed = realtext.padded(ids, [t.name for t in loaded.inputs])
+    feed = workloads.padded(ids, [t.name for t in loaded.inputs])
     return feed, seconds, {**source, "real_tokens": int(feed["attention_mask"].sum()), "rows": rows}
 
 
@@ -134,7 +134,7 @@ def measure_runtime(runtime: Any, feed: dict[str, np.ndarray], *, iterations: in
     (each with its share of the depth and of the iterations)."""
     import threading
 
-    from trtforge.runtime.baselines import percentiles
+    from trtforge.bench.baselines import percentiles
 
     for _ in range(warmup):
         runtime.run(feed)
@@ -184,7 +184,7 @@ def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, bac
     import torch
 
     import trtforge
-    from trtforge.runtime.baselines import percentiles
+    from trtforge.bench.baselines import percentiles
     from trtforge.runtime.batching import real_tokens
 
     engine = trtforge.load(artifact, device, backend_name=backend)
@@ -208,7 +208,7 @@ def engine_latency(artifact: Path, feed: dict[str, np.ndarray], device: str, bac
 
 def single_latency(runtime: Any, feed: dict[str, np.ndarray], *, iterations: int) -> dict[str, float]:
     """Latency of one request at a time (no pipelining): what a caller waiting on each batch sees."""
-    from trtforge.runtime.baselines import percentiles
+    from trtforge.bench.baselines import percentiles
 
     times = []
     for _ in range(iterations):
@@ -242,8 +242,8 @@ def bench(recipe: Recipe, artifact: Path, config: BenchConfig, progress: Progres
     import torch
 
     from trtforge.models import load_model
-    from trtforge.runtime.baselines import run_compiled, run_data_parallel, run_ddp
-    from trtforge.runtime.pool import Runtime, chunk_shapes, default_batching
+    from trtforge.bench.baselines import run_compiled, run_data_parallel, run_ddp
+    from trtforge.runtime import Runtime, chunk_shapes, default_batching
     from trtforge.manifest import read_manifest
 
     on_gpu = config.cpu_workers == 0

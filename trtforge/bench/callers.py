@@ -5,7 +5,7 @@ that created it; processes do not attach to one another's. Measures whether P pr
 keep the devices busier than one process can, where one caller process is the limit (fast engines,
 small batches: see the bench's caller_cpu_percent).
 
-    from trtforge.runtime.callers import measure_processes
+    from trtforge.bench.callers import measure_processes
     measure_processes("engines/minilm", devices=2, rows=64, sequence=128, processes=2, iterations=1000)
 """
 
@@ -25,7 +25,7 @@ START_TIMEOUT_S = 900.0  # every process's runtime started (engines loaded, shap
 
 def feed_for(manifest: dict[str, Any], rows: int, sequence: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Fixed random token ids within the model's vocabulary, no padding, for the artifact's inputs."""
-    from trtforge.runtime.bench import token_feed
+    from trtforge.bench.harness import token_feed
 
     return token_feed([spec["name"] for spec in manifest["io"]["inputs"]], manifest["model"].get("vocab_size") or 1000,
                       rows, sequence, seed)
@@ -80,7 +80,7 @@ def measure_processes(artifact: str | Path, *, devices: int | list[str], rows: i
 
 def _caller(artifact: str, devices: Any, rows: int, sequence: int, requests: int, depth: int, outputs: str,
             slots: int, warmup: int, barrier: Any, results: Any, start_timeout_s: float) -> None:
-    from trtforge.runtime.pool import Runtime, chunk_shapes, default_batching
+    from trtforge.runtime import Runtime, chunk_shapes, default_batching
     from trtforge.manifest import read_manifest
 
     try:
