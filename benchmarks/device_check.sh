@@ -17,8 +17,12 @@ work=$(mktemp -d)
 python3 -m trtforge build recipes/minilm.toml --out "$work" > "$out/minilm-build.log" 2>&1; echo "minilm build rc=$?" >> "$out/summary.txt"
 cp "$work/minilm/manifest.json" "$out/manifest-minilm.json" 2>/dev/null
 for i in 1 2 3; do
-  start=$(date +%s.%N); python3 -m trtforge build recipes/minilm.toml --out "$work" -q; rc=$?; end=$(date +%s.%N)
-  echo "no-op rebuild $i: rc=$rc $(echo "$end - $start" | bc) s" >> "$out/summary.txt"
+  python3 - "$work" "$i" >> "$out/summary.txt" <<'PY'
+import subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.run([sys.executable, "-m", "trtforge", "build", "recipes/minilm.toml", "--out", sys.argv[1], "-q"]).returncode
+print(f"no-op rebuild {sys.argv[2]}: rc={rc} {time.perf_counter() - start:.2f} s")
+PY
 done
 python3 -m trtforge inspect "$work/minilm" > "$out/minilm-inspect.txt" 2>&1; echo "inspect rc=$?" >> "$out/summary.txt"
 tail -3 "$out/gpu-tests.log" "$out/integrity-tests.log" >> "$out/summary.txt"
