@@ -7,7 +7,7 @@ out=${1:?usage: device_check.sh OUT}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1
 {
-  echo "date: $(date -u +%FT%TZ)"; echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "date: $(date -u +%FT%TZ)"; echo "commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"
 } > "$out/env.txt" 2>&1
