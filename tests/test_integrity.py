@@ -598,8 +598,9 @@ def test_every_integrity_case_runs_in_a_fresh_process_too(copy):
     """The CLI as installed (a process, not CliRunner): a tampered manifest is exit 2, one line."""
     _, out = copy
     edit_manifest(out / "tiny-bert", _flip_a_failed_verdict)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run([sys.executable, "-m", "trtforge", "inspect", str(out / "tiny-bert")],
-                             capture_output=True, text=True, timeout=120, cwd=out.parent)
+                             capture_output=True, text=True, timeout=120, cwd=out.parent, env=env)
     assert process.returncode == 2 and len(process.stderr.strip().splitlines()) == 1, process.stderr
 
 
