@@ -21,7 +21,7 @@ import pytest
 
 from tests.runtime.conftest import outcomes
 from trtforge.runtime import Runtime, WorkerError
-from trtforge.runtime.pool import HEAP_ROUNDS
+from trtforge.runtime.results import HEAP_ROUNDS
 from trtforge.runtime.shm import SLOTS, Arena
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -303,7 +303,7 @@ def test_the_results_heap_is_capped_at_a_share_of_the_machines_memory():
     """Two rounds of every slot's largest results (MiniLM on 4 GPUs: 1.6 GB, as asked on a 256 GB
     host), unless that is more than a quarter of the machine's memory (a decoder's logits on 4 GPUs:
     134 GB): then a quarter, and the results past it are copied."""
-    from trtforge.runtime.pool import host_heap_bytes
+    from trtforge.runtime.results import host_heap_bytes
 
     gib = 1 << 30
     minilm = 2 * 4 * 4 * 128 * 256 * 384 * 4

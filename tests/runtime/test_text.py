@@ -9,7 +9,7 @@ from tests.conftest import minilm_available, minilm_sentence_embeddings, tiny_re
 from trtforge.errors import ShapeError
 from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
-from trtforge.runtime import Runtime, pool
+from trtforge.runtime import Runtime, requests, shaping
 from trtforge.runtime.batching import bucket_for, buckets, real_lengths
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -42,8 +42,8 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     feed = padded_feed(lengths, 32)
     with Runtime(encoder, devices=2, batching="length") as length_aware, \
             Runtime(encoder, devices=2, batching="fixed") as fixed:
-        groups = pool.groups(len(lengths), 2, np.array(lengths), length_aware.profile)
-        shapes = pool.chunk_shapes(feed, length_aware.profile, 2)
+        groups = shaping.groups(len(lengths), 2, np.array(lengths), length_aware.profile)
+        shapes = shaping.chunk_shapes(feed, length_aware.profile, 2)
         got, want = length_aware.run(feed)["last_hidden_state"], fixed.run(feed)["last_hidden_state"]
     # Groups: every row once, sorted by length, each cut to its longest rounded up to a bucket.
     rows = np.concatenate([g for g, _ in groups])
@@ -51,7 +51,7 @@ def test_rows_are_grouped_by_length_cut_to_their_longest_and_restored_in_order(e
     assert [np.array(lengths)[g].tolist() for g, _ in groups] == [[1, 2, 3, 4, 5, 8, 9], [12, 17, 25, 30, 31, 32]]
     assert [cut for _, cut in groups] == [16, 32] and buckets(1, 32) == [8, 16, 24, 32]
     assert shapes == [(6, 32), (7, 16)]  # what a runtime serving such requests warms
-    assert pool.chunk_shapes(feed, length_aware.profile, 2, "fixed") == [(6, 32), (7, 32)]
+    assert shaping.chunk_shapes(feed, length_aware.profile, 2, "fixed") == [(6, 32), (7, 32)]
     assert buckets(1, 128) == list(range(8, 129, 8)) and buckets(1, 256) == list(range(16, 257, 16))  # <= 16
     # Results in input order and in the request's shape; real positions as the padded call gives
     # them, padded positions zero.
@@ -73,11 +73,11 @@ def test_real_lengths_read_right_padding_and_refuse_other_masks():
 
 def test_rows_already_in_length_order_are_cut_as_slices_not_gathered():
     profile = {"batch": (1, 4, 8), "sequence": (1, 32, 32)}
-    sorted_rows = pool.groups(10, 2, np.array([4, 4, 5, 9, 9, 9, 12, 20, 30, 31]), profile)
+    sorted_rows = shaping.groups(10, 2, np.array([4, 4, 5, 9, 9, 9, 12, 20, 30, 31]), profile)
     assert sorted_rows == [(slice(0, 5), 16), (slice(5, 10), 32)]  # views of the request: no copy of its rows
-    unsorted = pool.groups(4, 2, np.array([9, 2, 30, 1]), profile)
+    unsorted = shaping.groups(4, 2, np.array([9, 2, 30, 1]), profile)
     assert [g.tolist() for g, _ in unsorted] == [[3, 1], [0, 2]] and [n for _, n in unsorted] == [8, 32]
-    fixed = pool.groups(11, 3, None, profile)  # sizes as np.array_split gives them, contiguous
+    fixed = shaping.groups(11, 3, None, profile)  # sizes as np.array_split gives them, contiguous
     assert fixed == [(slice(0, 4), None), (slice(4, 8), None), (slice(8, 11), None)]
 
 
@@ -134,8 +134,8 @@ def test_a_request_narrower_than_its_bucket_is_padded_to_it_and_cut_back(encoder
     feed = padded_feed(lengths, 20)
     with Runtime(encoder, devices=1, batching="length") as length_aware, \
             Runtime(encoder, devices=1, batching="fixed") as fixed:
-        assert pool.chunk_shapes(feed, length_aware.profile, 1) == [(6, 24)]
-        sent = length_aware._slice(feed, pool.Chunk(0, 0, np.arange(6), 24))  # what the worker's slot gets
+        assert shaping.chunk_shapes(feed, length_aware.profile, 1) == [(6, 24)]
+        sent = length_aware._shaper.slice(feed, requests.Chunk(0, 0, np.arange(6), 24))  # what the worker's slot gets
         assert {v.shape for v in sent.values()} == {(6, 24)} and not sent["attention_mask"][:, 20:].any()
         want = fixed.run(feed)["last_hidden_state"]
         in_heap = length_aware.run(feed)["last_hidden_state"]

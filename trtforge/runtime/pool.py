@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import os
 import threading
 import time
@@ -39,18 +38,16 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from trtforge.runtime.batching import bucket_for, real_lengths
-from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, cpu_shares,
-                                        resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
-from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows, span
-from trtforge.runtime.shm import ALIGN, MAX_SLOTS, SLOTS, Heap, layout_bytes, max_bytes, send_plain
 from trtforge.checks import seconds, whole_number
 from trtforge.manifest import read_manifest, verified_text_config
+from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, WorkerError, cpu_shares,
+                                        resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
+from trtforge.runtime.requests import Chunk, Request, span
+from trtforge.runtime.results import HEAP_ROUNDS, Results
+from trtforge.runtime.shaping import TEXT_BYTES_PER_TOKEN, RequestShaper, default_batching
+from trtforge.runtime.shm import ALIGN, MAX_SLOTS, SLOTS, max_bytes, send_plain
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
-
-TEXT_BYTES_PER_TOKEN = 16  # texts are cut at max_length x this many characters before they are sent
-HEAP_ROUNDS = 2  # the results heap holds this many rounds of every worker's slots at the largest shape
 
 
 class Runtime:
@@ -90,17 +87,6 @@ class Runtime:
         self.artifact = Path(artifact)
         manifest = read_manifest(self.artifact)
         self.manifest = manifest
-        self.inputs = manifest["io"]["inputs"]
-        self.output_specs = {o["name"]: o for o in manifest["io"]["outputs"]}
-        self.sequence_inputs = {s["name"] for s in self.inputs if "sequence" in s["shape"]}
-        self.profile = {k: tuple(v) for k, v in manifest["shapes"].items()}
-        self._largest = {name: hi for name, (_, _, hi) in self.profile.items()}  # every axis at its maximum
-        self._output_bytes: dict[tuple[int, int], int] = {}  # (rows, length) -> bytes: see _chunk_output_bytes
-        self._result_layouts: dict[tuple[int, int], Any] = {}  # (rows, length) -> layout: see _result_layout
-        # Sizes of results: at least 4 bytes an element (FP16 engines may return FP32).
-        self._output_dtypes = {name: np.dtype("float32") if np.dtype(s["dtype"]).itemsize < 4 else s["dtype"]
-                               for name, s in self.output_specs.items()}
-        self.max_batch = self.profile["batch"][2]
         self.outputs_on, self.timeout_s = outputs, timeout_s
         self.batching = batching or default_batching(outputs)
         if self.batching not in ("length", "fixed"):
@@ -109,6 +95,12 @@ class Runtime:
             raise ValueError("length-aware batching returns host outputs in input order; use outputs='host' "
                              "or batching='fixed'")
         self.text = verified_text_config(self.artifact, manifest)  # the files the workers read, verified first
+        # The collaborators: requests in, chunks out (shaping); outputs back in, results out.
+        self._shaper = RequestShaper(manifest, batching=self.batching, text=self.text)
+        self._results = Results(manifest, outputs_on=outputs)
+        self.inputs, self.profile = self._shaper.inputs, self._shaper.profile
+        self.sequence_inputs, self.max_batch = self._shaper.sequence_inputs, self._shaper.max_batch
+        self.output_specs = self._results.output_specs
         self.slots = slots
         self.devices = resolve_devices(devices)
         _refuse_devices_without_engine(manifest, self.devices, backend)  # before any worker starts
@@ -123,12 +115,10 @@ class Runtime:
         self._closed = False
         self._progress = time.monotonic()  # the last time any worker answered
         input_bytes, output_bytes = self._slot_bytes()
-        # Blocks are taken when a request's first chunk goes to a worker: room for every slot's
-        # results twice over (those in flight, those the caller still holds); past that, copies.
-        self._heap = (Heap(host_heap_bytes(HEAP_ROUNDS * len(self.devices) * slots * output_bytes, _physical_memory()))
-                      if outputs == "host" else None)
+        self._results.open_heap(output_bytes, len(self.devices) * slots)
+        self._heap = self._results.heap
         # Device outputs: each worker's device heap holds as many rounds of its slots' results.
-        largest_chunk = self._chunk_output_bytes(self.max_batch, self._largest.get("sequence", 1))
+        largest_chunk = self._results.chunk_output_bytes(self.max_batch, self._results.largest.get("sequence", 1))
         device_heap_bytes = HEAP_ROUNDS * slots * largest_chunk if outputs == "device" else 0
         if in_process:
             try:
@@ -166,22 +156,14 @@ class Runtime:
         """One chunk at the profile's largest shapes: its inputs (or its texts), its host outputs
         (at least 4 bytes an element: FP16 engines may return FP32)."""
         rows = {"name": "__rows__", "shape": ["batch"], "dtype": "int64"}  # where a chunk's rows go in the result
-        inputs = max_bytes([*self.inputs, rows], self._largest)
+        inputs = max_bytes([*self.inputs, rows], self._results.largest)
         if self.text is not None:
             # UTF-8 takes at most 4 bytes a character; 8 bytes of end offset per text.
             per_text = 4 * TEXT_BYTES_PER_TOKEN * self.text["max_length"] + 8
             inputs = max(inputs, self.max_batch * per_text + 2 * ALIGN)
         if self.outputs_on == "device" and self.text is None:
             return inputs, ALIGN  # results stay on the devices (in the workers' device heaps)
-        return inputs, self._chunk_output_bytes(self.max_batch, self._largest.get("sequence", 1))
-
-    def _chunk_output_bytes(self, rows: int, length: int) -> int:
-        """A chunk's outputs at (rows, length), other axes at their largest (see _output_dtypes)."""
-        key = (rows, length)
-        if key not in self._output_bytes:
-            self._output_bytes[key] = max_bytes(list(self.output_specs.values()),
-                                                {**self._largest, "batch": rows, "sequence": length}, self._output_dtypes)
-        return self._output_bytes[key]
+        return inputs, self._results.chunk_output_bytes(self.max_batch, self._results.largest.get("sequence", 1))
 
     @property
     def workers(self) -> list[dict[str, Any]]:
@@ -196,48 +178,11 @@ class Runtime:
         submitted = time.monotonic()
         self._check_open()
         arrays = self._inputs(batch)
-        rows = request_rows(arrays, self.inputs, self.profile, self.sequence_inputs)
-        live = self._live()
-        lengths = real_lengths(arrays) if self.batching == "length" else None
-        request_id = next(self._ids)
-        chunks = [Chunk(request_id, i, index, length)
-                  for i, (index, length) in enumerate(groups(rows, len(live), lengths, self.profile))]
-        request = Request(Future(), arrays, chunks, submitted + self.timeout_s, submitted)
-        sequence = [v.shape[1] for k, v in arrays.items() if k in self.sequence_inputs and v.ndim > 1]
-        request.length = sequence[0] if sequence else 0
-        request.length_aware = lengths is not None
-        return self._enqueue(request)
-
-    def _reserve(self, request: Request) -> None:
-        """A block of the heap for the request's host outputs, where the output shapes are known and
-        there is room (else the workers' results are copied out of their slots). Sought once, when
-        its first chunk is dispatched: requests still waiting for a slot hold no memory."""
-        request.reserved = True
-        if self._heap is None or request.text:
-            return
-        layout = self._result_layout(len(next(iter(request.arrays.values()))), request.length)
-        block = self._heap.allocate(layout_bytes(layout)) if layout is not None else None
-        if block is not None:
-            request.block, request.layout = block, layout
-
-    def _result_layout(self, rows: int, length: int) -> Any:
-        """Where a request's results go in a heap block (None where an output's shape is not known
-        ahead, or they would not fit the heap): made once per (rows, length)."""
-        key = (rows, length)
-        if key not in self._result_layouts:
-            shapes = {}
-            for name, spec in self.output_specs.items():
-                shape = tuple(rows if d == "batch" else length if d == "sequence" else d for d in spec["shape"])
-                if not all(isinstance(d, int) for d in shape):
-                    shapes = None
-                    break
-                shapes[name] = (shape, spec["dtype"])
-            self._result_layouts[key] = self._heap.layout(shapes) if shapes is not None else None
-        return self._result_layouts[key]
+        return self._enqueue(self._shaper.request(next(self._ids), arrays, len(self._live()), submitted=submitted,
+                                                  timeout_s=self.timeout_s))
 
     def _inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        model = self.manifest["model"]
-        return request_arrays(batch, self.inputs, model.get("vocab_size"), model.get("type_vocab_size"))
+        return self._shaper.arrays(batch)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -256,27 +201,11 @@ class Runtime:
         has pooling, else the model's outputs in text order (per-token outputs padded with zeros to
         the longest text). Texts are cut at max_length x 16 characters before they are sent, far
         past what the tokenizer keeps."""
-        submitted = time.monotonic()
         self._check_open()
         if self.text is None:
             raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
-        if isinstance(texts, (str, bytes)):
-            raise TypeError(f"encode() takes a list of texts, got one {type(texts).__name__} (it would be read as "
-                            f"{len(texts)} one-character texts); pass [text]")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("encode() takes a non-empty list of strings, got an empty one")
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"encode() takes strings; texts[{index}] is {type(text).__name__} {text!r:.60}")
-        live = self._live()
-        cut = TEXT_BYTES_PER_TOKEN * self.text["max_length"]
-        texts = [t[:cut] for t in texts]
-        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
-        count = max(math.ceil(len(texts) / self.max_batch), min(len(live), len(texts)))
-        request_id = next(self._ids)
-        chunks = [Chunk(request_id, i, part) for i, part in enumerate(np.array_split(order, count))]
-        return self._enqueue(Request(Future(), texts, chunks, submitted + self.timeout_s, submitted, text=True))
+        request = self._shaper.text_request(next(self._ids), texts, len(self._live()), timeout_s=self.timeout_s)
+        return self._enqueue(request)
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
@@ -307,7 +236,7 @@ class Runtime:
                 if request is None:  # failed or timed out while it waited
                     continue
                 if not request.reserved:
-                    self._reserve(request)
+                    self._results.reserve(request)
                 slot = worker.free.pop()
                 worker.outstanding[(chunk.request_id, chunk.index)] = (slot, request)
                 request.workers[chunk.index] = worker.index
@@ -320,14 +249,14 @@ class Runtime:
             layout = worker.inputs.write_texts(slot, [request.arrays[i] for i in chunk.rows])
             kind = "encode"
         else:
-            arrays = self._slice(request.arrays, chunk)
+            arrays = self._shaper.slice(request.arrays, chunk)
             if request.block is not None:  # where the worker puts this chunk's rows of the result
                 contiguous = span(chunk.rows)
                 if contiguous is None:
                     arrays["__rows__"] = np.asarray(chunk.rows, dtype=np.int64)
                 target = (request.block, request.layout, contiguous)
             if self.outputs_on == "device" and worker.device_heap is not None:  # its outputs' block there
-                size = self._chunk_output_bytes(len(next(iter(arrays.values()))), chunk.length or request.length)
+                size = self._results.chunk_output_bytes(len(next(iter(arrays.values()))), chunk.length or request.length)
                 chunk.block = worker.device_heap.allocate(size)
                 target = (chunk.block, size) if chunk.block is not None else None
             layout = worker.inputs.write(slot, arrays)
@@ -347,15 +276,6 @@ class Runtime:
                 send_plain(worker.requests, (kind, chunk.request_id, chunk.index, slot, layout, target))
         except (OSError, ValueError):
             pass  # the worker has exited: its receiver fails what it held, this chunk included
-
-    def _slice(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
-        """The chunk's rows; with length-aware batching, sequence inputs at exactly the chunk's
-        bucket: cut, or padded with zeros (masked) where the request is narrower than its bucket, so
-        that engines only ever meet bucket widths (one CUDA graph each, all warmed ahead)."""
-        if chunk.length is None:
-            return {k: v[chunk.rows] for k, v in arrays.items()}
-        return {k: _to_width(v[chunk.rows], chunk.length) if k in self.sequence_inputs else v[chunk.rows]
-                for k, v in arrays.items()}
 
     # --- results --------------------------------------------------------------------------------------
     def _receive(self, worker: Worker) -> None:
@@ -381,7 +301,8 @@ class Runtime:
                 if kind == "error":
                     self._fail(request_id, WorkerError(f"worker {worker.index} ({worker.device}): {payload}"))
                 else:
-                    self._take(request, chunk, worker, slot, payload)
+                    self._results.take(request, chunk, worker, slot, payload)
+                    self._chunk_done(request)
         except Exception as e:  # a bug here must fail the request, not the receiver
             self._fail(request_id, WorkerError(f"results of worker {worker.index}: {type(e).__name__}: {e}"))
         finally:
@@ -394,66 +315,12 @@ class Runtime:
             if dispatch:
                 self._dispatch()
 
-    def _take(self, request: Request, chunk: int, worker: Worker, slot: int | None, payload: tuple) -> None:
-        """One chunk's outputs into the request's results: nothing to do where the worker wrote its
-        rows into the request's heap block; else copied out of the worker's slot (or taken as sent)."""
-        where, data = payload
-        outputs = worker.outputs.views(slot, data) if where == "shm" else data
-        if where == "heap":
-            pass
-        elif where == "device-heap":  # tensors over the chunk's block, which is theirs from now on
-            block, request.chunks[chunk].block = request.chunks[chunk].block, None
-            request.parts[chunk] = worker.device_heap.tensors(block, data)
-        elif request.text or self.outputs_on == "device":
-            request.parts[chunk] = {k: v.copy() for k, v in outputs.items()} if where == "shm" else outputs
-        else:
-            with request.lock:
-                if request.results is None:
-                    request.results = self._allocate(request, outputs)
-            rows = request.chunks[chunk].rows
-            for name, part in outputs.items():
-                full = request.results[name]
-                within = tuple(slice(0, min(n, m)) for n, m in zip(part.shape[1:], full.shape[1:]))
-                full[(rows, *within)] = part[(slice(None), *within)]
+    def _chunk_done(self, request: Request) -> None:
         with self._lock:
             request.done += 1
             complete = request.done == len(request.chunks) and self._requests.pop(request.chunks[0].request_id, None)
         if complete:
-            request.future.set_result(self._assemble(request))
-
-    def _allocate(self, request: Request, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each output for the whole request: the request's rows, its sequence axis at the request's length."""
-        rows = len(next(iter(request.arrays.values())))
-        results = {}
-        for name, part in outputs.items():
-            axes = self.output_specs.get(name, {}).get("shape", [])
-            shape = [rows] + [request.length if i + 1 < len(axes) and axes[i + 1] == "sequence" else n
-                              for i, n in enumerate(part.shape[1:])]
-            results[name] = np.zeros(shape, dtype=part.dtype)
-        return results
-
-    def _assemble(self, request: Request) -> Any:
-        if request.text:  # parts in text order; per-token outputs padded with zeros to the longest
-            parts = [request.parts[i] for i in range(len(request.chunks))]
-            results = {}
-            for name in parts[0]:
-                pieces = [p[name] for p in parts]
-                shape = (len(request.arrays), *np.max([p.shape[1:] for p in pieces], axis=0).tolist())
-                results[name] = np.zeros(shape, dtype=pieces[0].dtype)
-                for chunk, piece in zip(request.chunks, pieces):
-                    results[name][(chunk.rows, *(slice(0, n) for n in piece.shape[1:]))] = piece
-            return results
-        if self.outputs_on == "device":
-            return [request.parts[i] for i in range(len(request.chunks))]
-        if request.block is not None:  # arrays over the block, which is theirs from now on
-            block, request.block = request.block, None
-            return self._heap.arrays(block, request.layout)
-        if request.length_aware:  # padded positions: the same (meaningless) zeros whatever the cut
-            padded = request.arrays["attention_mask"] == 0
-            for name, full in request.results.items():
-                if "sequence" in self.output_specs.get(name, {}).get("shape", []):
-                    full[padded] = 0
-        return request.results
+            request.future.set_result(self._results.assemble(request))
 
     def _record(self, request: Request, chunk: int, worker: dict[str, float]) -> None:
         """One chunk's time, phase by phase (see time_breakdown)."""
@@ -497,13 +364,7 @@ class Runtime:
         self._settle(request)
 
     def _settle(self, request: Request) -> None:
-        """A failed request's block goes back once no worker still writes into it."""
-        with request.lock:
-            block = request.block if request.failed and request.in_flight == 0 else None
-            if block is not None:
-                request.block = None
-        if block is not None:
-            self._heap.release(block)
+        self._results.settle(request)
 
     def _exited(self, worker: Worker) -> None:
         """The worker's pipe closed: fail what it held (and, if it was the last, what waits)."""
@@ -549,8 +410,8 @@ class Runtime:
             return
         self._closed = True
         stop_workers(getattr(self, "_workers", []))
-        if self._heap is not None:
-            self._heap.close()
+        if hasattr(self, "_results"):
+            self._results.close()
         with self._lock:
             self._pending.clear()
             left = list(self._requests)
@@ -571,69 +432,6 @@ def _phases(submitted: float, queued: float, answered: float, worker: dict[str, 
         phases["return_ms"] = 1e3 * (answered - worker["sent"])
     phases.update({k: v for k, v in worker.items() if k.endswith("_ms")})
     return phases
-
-
-HOST_HEAP_SHARE = 0.25  # of the machine's memory at most, for the results heap
-
-
-def host_heap_bytes(wanted: int, memory: int) -> int:
-    """The results heap's size: rounds of every slot's largest results, capped at HOST_HEAP_SHARE
-    of the machine's memory (GPU workers page-lock all of it), so that a model with large outputs (a
-    decoder's logits over its vocabulary) does not ask for more than the host has; requests whose
-    results do not fit what is left of it get copies instead."""
-    return max(ALIGN, min(wanted, int(memory * HOST_HEAP_SHARE)))
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_batching(outputs: str) -> str:
-    """Length-aware where results come back to the host in input order; fixed rows on the devices."""
-    return "length" if outputs == "host" else "fixed"
-
-
-def groups(rows: int, workers: int, lengths: np.ndarray | None,
-           profile: Mapping[str, tuple[int, int, int]]) -> list[tuple[Any, int | None]]:
-    """Chunks of a request as (rows, sequence length to cut to): at most the profile's max batch, at
-    least its min (so every chunk fits a profile a single engine accepts), spread over the workers;
-    rows sorted by length and each chunk cut to its longest (bucketed) where `lengths`."""
-    lo_batch, _, max_batch = profile["batch"]
-    count = max(math.ceil(rows / max_batch), min(workers, max(1, rows // lo_batch)))
-    if count == 1:  # the whole request, rows in place: no reordering (its results go straight where they belong)
-        return [(slice(0, rows), None if lengths is None else bucket_for(int(lengths.max()), profile["sequence"]))]
-    if lengths is None:  # contiguous rows, kept at the request's length
-        bounds = list(itertools.accumulate((rows // count + (i < rows % count) for i in range(count)), initial=0))
-        return [(slice(a, b), None) for a, b in zip(bounds, bounds[1:])]
-    uniform = lengths.min() == lengths.max()  # (rows of one length, as unpadded requests are: no sort)
-    order = np.arange(rows) if uniform else np.argsort(lengths, kind="stable")
-    in_place = uniform or bool((np.diff(order) == 1).all())  # already in order: slices, not copies
-    result: list[tuple[Any, int | None]] = []
-    for part in np.array_split(order, count):
-        rows_of = slice(int(part[0]), int(part[-1]) + 1) if in_place else part
-        result.append((rows_of, bucket_for(int(lengths[part].max()), profile["sequence"])))
-    return result
-
-
-def chunk_shapes(arrays: Mapping[str, np.ndarray], profile: Mapping[str, tuple[int, int, int]], workers: int,
-                 batching: str = "length") -> list[tuple[int, int]]:
-    """The (rows, sequence) shapes a request is run at on `workers` workers (see groups)."""
-    rows = len(next(iter(arrays.values())))
-    width = next((v.shape[1] for v in arrays.values() if v.ndim > 1), 1)
-    lengths = real_lengths(arrays) if batching == "length" else None
-    shapes = []
-    for part, length in groups(rows, workers, lengths, profile):
-        count = len(range(rows)[part]) if isinstance(part, slice) else len(part)
-        shapes.append((count, length if length is not None else width))
-    return sorted(set(shapes))
-
-
-def _to_width(array: np.ndarray, width: int) -> np.ndarray:
-    if array.shape[1] >= width:
-        return array[:, :width]
-    wider = np.zeros((array.shape[0], width, *array.shape[2:]), dtype=array.dtype)  # (np.pad: 10x slower)
-    wider[:, :array.shape[1]] = array
-    return wider
 
 
 def _refuse_devices_without_engine(manifest: dict[str, Any], devices: list[str], backend: str | None) -> None:
