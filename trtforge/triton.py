@@ -306,4 +306,7 @@ def _readme(manifest: dict[str, Any], record: dict[str, Any], models: list[Trito
             f"`{manifest['reproduce']}` rebuilds. `hashes.json` holds the sha256 of every file here.\n\n"
             f"| model | platform / backend | verified |\n|---|---|---|\n{rows}\n\n"
             "Serve it with `tritonserver --model-repository .` (the NGC container has every backend). "
-            "The `_python` model needs numpy and onnxruntime in the Python backend's environment.\n")
+            "The `_python` model needs numpy and onnxruntime in the Python backend's environment. "
+            "A request holds at most max_batch_size rows (texts, for `_text`): send more as several requests. "
+            "Without the container, trtforge's docs/triton.md gives the steps that serve the Python models "
+            "with the tritonserver of the `nvidia-pytriton` wheel.\n")

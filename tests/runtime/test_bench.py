@@ -21,6 +21,9 @@ def test_bench_on_cpu_workers_writes_parity_speed_and_plots(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(recipe), "--out", str(out), "--cpu", "2", "--batches", "1,4",
                                        "--sequence", "16", "--iterations", "10", "--warmup", "2", "--callers", "2"])
     assert result.exit_code == 0, result.stderr
+    # Progress says what each measurement will take, and which baselines it skips and why.
+    assert "runtime    batch 4: 12 requests, at most about" in result.stderr
+    assert "dataparallel skipped on 2 device(s): it runs on GPUs only" in result.stderr
     bench_dir = out / "tiny-bert.bench"
     report = json.loads((bench_dir / "bench.json").read_text())
     assert report["parity_passed"] is True
@@ -141,3 +144,21 @@ def test_a_model_without_a_tokenizer_borrows_one_for_real_text_when_its_ids_fit(
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "out2" / "tiny-bert.bench" / "bench.json").read_text())
     assert report["results"]["runtime"]["1"]["2"]["real_tokens_per_s"] > 0 and report["parity_passed"]
+
+
+def test_overhead_is_never_negative_and_says_when_it_is_noise():
+    from trtforge.bench.harness import overhead
+
+    assert overhead(2.5, 2.0) == {"ms": 0.5, "percent": 25.0}
+    below = overhead(1.0, 2.653)
+    assert below["ms"] == 0.0 and below["percent"] == 0.0 and below["within_noise"] and below["measured_ms"] == -1.653
+
+
+def test_baselines_a_measurement_cannot_run_are_named_with_why():
+    from trtforge.bench.harness import skipped_baselines
+
+    assert [n for n, _ in skipped_baselines(("ddp", "dataparallel", "compile"), on_gpu=False, devices=2)] == \
+        ["dataparallel", "compile"]
+    assert skipped_baselines(("ddp", "dataparallel", "compile"), on_gpu=True, devices=1) == \
+        [("dataparallel", "it needs 2 or more GPUs")]
+    assert skipped_baselines(("ddp",), on_gpu=False, devices=1) == []
