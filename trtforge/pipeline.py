@@ -223,6 +223,7 @@ class Build:
         if manifest["name"] != self.recipe.model.name:
             return None
         with _naming(self.out_dir), self.cache.locked(timeout_s=self.wait_s):
+            remove_leftovers(self.out_dir, self.recipe.model.name)  # what a killed build left, as every build does
             if record != self.cache.published_record(self.artifact.name) \
                     or sha256_file(self.artifact / "manifest.json") != record.get("manifest_sha256") \
                     or verify_files(self.artifact, manifest):
