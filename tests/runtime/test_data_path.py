@@ -148,6 +148,9 @@ def test_close_with_requests_in_flight_fails_them_and_frees_everything(artifact)
     before = set(memfds())
     rt = Runtime(artifact, devices=2, timeout_s=30)
     pids = [w["pid"] for w in rt.workers]
+    # Worker 0 holds its chunks until the close: requests are surely in flight then (on a busy
+    # machine the other worker alone can otherwise finish all 50 before close() is reached).
+    os.kill(pids[0], signal.SIGSTOP)
     futures = [rt.submit(padded(4, 32, seed=s)) for s in range(50)]
     start = time.monotonic()
     rt.close()
