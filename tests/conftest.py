@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -108,3 +109,34 @@ def minilm_sentence_embeddings(sentences: list[str], max_length: int = 256):
         states = model(**batch).last_hidden_state
     weights = batch["attention_mask"].unsqueeze(-1).float()
     return torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=1).numpy()
+
+
+# --- a built artifact to tamper with (tests/test_hardening.py, tests/test_integrity.py) ---------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT with an onnxruntime-cpu engine, built once per module; tests copy it (`copy`)."""
+    root = tmp_path_factory.mktemp("built")
+    recipe = root / "r.toml"
+    recipe.write_text(tiny_recipe_text("bert") + "[engines]\nbackends = ['onnxruntime-cpu']\n")
+    here = Path.cwd()
+    os.chdir(root)  # relative paths, as a user types them: the manifest records the command as given
+    try:
+        from click.testing import CliRunner
+
+        from trtforge.cli import main
+
+        result = CliRunner().invoke(main, ["build", "r.toml", "--out", "out"])
+    finally:
+        os.chdir(here)
+    assert result.exit_code == 0, result.stderr
+    return recipe, root / "out"
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> tuple[Path, Path]:
+    recipe, out = built
+    shutil.copytree(out, tmp_path / "out", symlinks=True)
+    new_recipe = tmp_path / "r.toml"
+    shutil.copy(recipe, new_recipe)
+    return new_recipe, tmp_path / "out"

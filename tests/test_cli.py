@@ -135,3 +135,11 @@ def test_hub_model_missing_offline_exits_2_and_writes_nothing(tmp_path, monkeypa
     assert result.exit_code == 2
     assert "not in the local Hugging Face cache" in result.stderr and "set [model] source" in result.stderr
     assert not out.exists()
+
+
+def test_the_clis_bounds_are_the_librarys():
+    """The CLI states some bounds itself (to start without numpy); they must be the library's."""
+    from trtforge import cli, triton
+    from trtforge.runtime import shm
+
+    assert cli.MAX_SLOTS == shm.MAX_SLOTS and cli.MAX_GPUS == triton.MAX_GPUS

@@ -272,31 +272,6 @@ def test_a_full_disk_is_an_environment_error_not_an_export_problem(tmp_path):
 
 # --- integrity: copies, verified reuse, no re-blessing --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny BERT with an onnxruntime-cpu engine, built once; tests copy it."""
-    root = tmp_path_factory.mktemp("built")
-    recipe = root / "r.toml"
-    recipe.write_text(BERT + CPU)
-    here = Path.cwd()
-    os.chdir(root)  # relative paths, as a user types them: the manifest records the command as given
-    try:
-        code, _, stderr = cli("build", "r.toml", "--out", "out")
-    finally:
-        os.chdir(here)
-    assert code == 0, stderr
-    return recipe, root / "out"
-
-
-@pytest.fixture
-def copy(built, tmp_path) -> tuple[Path, Path]:
-    recipe, out = built
-    shutil.copytree(out, tmp_path / "out", symlinks=True)
-    new_recipe = tmp_path / "r.toml"
-    shutil.copy(recipe, new_recipe)
-    return new_recipe, tmp_path / "out"
-
-
 ENGINE = "engines/onnxruntime-cpu/cpu/model.onnx"
 
 

@@ -17,32 +17,13 @@ import numpy as np
 import pytest
 
 import trtforge
-from tests.conftest import minilm_available, tiny_recipe_text
+from tests.conftest import minilm_available
 from tests.test_hardening import BERT, CPU, assert_one_line_refusal, cli, tree
 from trtforge.errors import ArtifactError, CompatibilityError, ShapeError
 from trtforge.manifest import read_manifest, verify_files
 from trtforge.store import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny BERT with an onnxruntime-cpu engine, built once; tests copy it."""
-    root = tmp_path_factory.mktemp("integrity")
-    recipe = root / "r.toml"
-    recipe.write_text(BERT + CPU)
-    code, _, stderr = cli("build", str(recipe), "--out", str(root / "out"))
-    assert code == 0, stderr
-    return recipe, root / "out"
-
-
-@pytest.fixture
-def copy(built, tmp_path) -> tuple[Path, Path]:
-    recipe, out = built
-    shutil.copytree(out, tmp_path / "out", symlinks=True)
-    shutil.copy(recipe, tmp_path / "r.toml")
-    return tmp_path / "r.toml", tmp_path / "out"
 
 
 def edit_manifest(artifact: Path, change) -> None:

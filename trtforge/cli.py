@@ -17,19 +17,22 @@ from typing import Any, Callable
 import click
 
 from trtforge import __version__
+from trtforge.checks import seconds
 from trtforge.errors import TrtforgeError, os_error_message
+from trtforge.triton import MAX_GPUS
 from trtforge.text import printable
 
-MAX_GPUS = 256  # GPUs per Triton instance group (trtforge.triton.MAX_GPUS, without importing it)
+MAX_SLOTS = 64  # = trtforge.runtime.shm.MAX_SLOTS, which imports numpy (tests/test_cli.py checks they agree)
 
 DEFAULT_OUT = Path("engines")
 WAIT_MAX = 7 * 24 * 3600.0  # a week: longer is a mistake, and nan or inf would wait forever
 
 
 def _finite(value: float, option: str) -> float:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise click.BadParameter(f"{value} is not a finite number of seconds", param_hint=option)
-    return value
+    try:
+        return seconds(option, value, allow_zero=True)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
 
 
 def _fail(message: str, code: int) -> None:
@@ -223,7 +226,7 @@ def refuse_foreign_bench_dir(path: Path) -> None:
               help="Caller threads submitting to the runtime at once (as a service's request threads do).")
 @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests kept in flight per device while throughput is measured.")
-@click.option("--slots", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+@click.option("--slots", type=click.IntRange(min=1, max=MAX_SLOTS), default=4, show_default=True,
               help="Chunks in flight per worker (the runtime's shared-memory slots per device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @_common

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.errors import ArtifactError
-from trtforge.store import MANIFEST, SHA256, TMP_PREFIX, check_records, safe_relative, sha256_file
+from trtforge.store import MANIFEST, TMP_PREFIX, check_records, record_ok, safe_relative
 
 SCHEMA = "trtforge.manifest/3"
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists files and results: megabytes at most
@@ -127,8 +127,7 @@ def _file_problems(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"files entry {rel!r} is not a relative path inside the artifact")
         elif rel == MANIFEST:
             problems.append(f"files lists {MANIFEST} itself")
-        elif not (isinstance(record, dict) and _count(record.get("size"), 0)
-                  and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
+        elif not record_ok(record):
             problems.append(f"files entry {rel!r} needs a size and a sha256")
     return problems
 
@@ -410,7 +409,3 @@ def verified_text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, 
         raise ArtifactError(f"{artifact}: {problems[0]}; the text interface was modified, rebuild with "
                             f"`{manifest['reproduce']} --force`")
     return manifest["text"]
-
-
-def manifest_sha256(artifact: Path) -> str:
-    return sha256_file(artifact / MANIFEST)

@@ -10,12 +10,11 @@ Triton repository inside an artifact's cache, ...).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from trtforge.errors import ArtifactError
-from trtforge.store import MANIFEST, SCHEMA_FAMILY, TMP_PREFIX
+from trtforge.store import MANIFEST, SCHEMA_FAMILY, TMP_PREFIX, read_small_json
 
 CACHE_DIR = ".trtforge"
 TRITON_MARKER = "hashes.json"
@@ -23,23 +22,14 @@ TRITON_SCHEMA = "trtforge.triton/1"
 BENCH_MARKER = "bench.json"
 
 
-def _small_json(path: Path) -> object:
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
-            return None
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
 def is_artifact(path: Path) -> bool:
-    manifest = _small_json(path / MANIFEST)
+    manifest = read_small_json(path / MANIFEST)
     return isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith(SCHEMA_FAMILY)
 
 
 def triton_record(path: Path) -> dict | None:
     """The record `trtforge export triton` left in a repository it wrote, or None."""
-    record = _small_json(path / TRITON_MARKER)
+    record = read_small_json(path / TRITON_MARKER)
     if (isinstance(record, dict) and record.get("schema") == TRITON_SCHEMA and isinstance(record.get("files"), dict)
             and isinstance(record.get("artifact"), str)):
         return record

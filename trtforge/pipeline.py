@@ -50,25 +50,25 @@ ENGINE_LIBRARIES = ("onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu
                     "tensorrt-rtx-cu13", "tensorrt_rtx_cu13_libs", "tensorrt_cu13_libs")
 
 
-def engine_library_versions() -> dict[str, str]:
-    """Installed engine libraries (what the engine plan depends on), from package metadata only."""
-    found = {}
-    for name in ENGINE_LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
-    versions = {"python": platform.python_version(), "trtforge": __version__}
+def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Each distribution's version from package metadata (no import), None where it is not installed."""
+    versions: dict[str, str | None] = {}
     for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            versions[name] = None
     return versions
+
+
+def engine_library_versions() -> dict[str, str]:
+    """Installed engine libraries (what the engine plan depends on)."""
+    return {name: v for name, v in installed_versions(ENGINE_LIBRARIES).items() if v is not None}
+
+
+def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
+    return {"python": platform.python_version(), "trtforge": __version__,
+            **{name: v or "not installed" for name, v in installed_versions(names).items()}}
 
 
 @dataclass
@@ -181,14 +181,7 @@ class Build:
             remove_leftovers(self.out_dir, self.recipe.model.name)
             refuse_unowned(self.artifact, self.recipe.model.name)  # again: it may have changed while we waited
             if not self.force and (manifest := self._published_if_current()) is not None:
-                self.progress.line(f"  up to date: every stage and every file's sha256 match "
-                                   f"{self.artifact / 'manifest.json'}; nothing to do (--force rebuilds)")
-                if not manifest["parity"]["passed"]:
-                    self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: "
-                                       f"{self.artifact / REPORT_FILES[1]})")
-                else:
-                    remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded by the passing one
-                return BuildResult(self.artifact, manifest["parity"]["passed"], True, manifest)
+                return self._up_to_date(manifest, "every stage and every file's sha256 match")
             files, parity = self._run_stages()
             published, manifest = self._package(files, parity)
             self.cache.prune(self.used_entries)
@@ -229,14 +222,17 @@ class Build:
                     or verify_files(self.artifact, manifest):
                 return None
             self.progress.line(f"trtforge build {self.recipe.model.name} -> {self.artifact}")
-            self.progress.line(f"  up to date: the recipe, the model and the tools are as built, and every file's "
-                               f"sha256 matches {self.artifact / 'manifest.json'}; nothing to do (--force rebuilds)")
-            passed = manifest["parity"]["passed"]
-            if passed:
-                remove_owned(self.failed_artifact, self.recipe.model.name)  # superseded by the passing one
-            else:
-                self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: "
-                                   f"{self.artifact / REPORT_FILES[1]})")
+            return self._up_to_date(manifest, "the recipe, the model and the tools are as built, and every file's "
+                                              "sha256 matches")
+
+    def _up_to_date(self, manifest: dict[str, Any], why: str) -> BuildResult:
+        """Nothing to do (said, with `why`); a passing artifact supersedes a stale `<name>.failed`."""
+        self.progress.line(f"  up to date: {why} {self.artifact / 'manifest.json'}; nothing to do (--force rebuilds)")
+        passed = manifest["parity"]["passed"]
+        if passed:
+            remove_owned(self.failed_artifact, self.recipe.model.name)
+        else:
+            self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: {self.artifact / REPORT_FILES[1]})")
         return BuildResult(self.artifact, passed, True, manifest)
 
     def _published_if_current(self) -> dict[str, Any] | None:

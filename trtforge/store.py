@@ -29,7 +29,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from trtforge.checks import seconds
 from trtforge.errors import ArtifactError, TrtforgeError
 
 MANIFEST = "manifest.json"
@@ -128,8 +128,7 @@ class StageCache:
     def locked(self, *, timeout_s: float = 1800.0) -> Iterator[None]:
         """Serialise builds of one artifact: a second build says whom it waits for, waits at most
         `timeout_s`, then finds the first one's work."""
-        if not math.isfinite(timeout_s) or timeout_s < 0:
-            raise ValueError(f"timeout_s must be a finite number of seconds >= 0, got {timeout_s!r}")
+        seconds("timeout_s", timeout_s, allow_zero=True)  # nan or inf would wait forever
         real_directory(self.root.parent, "its stage cache")
         real_directory(self.root, "the stage cache of " + self.name)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -179,7 +178,7 @@ class StageCache:
         if not entry.is_dir():
             return None
         problems = self._verify(entry)
-        result = None if problems else _json_or_none(entry / RESULT)
+        result = None if problems else read_small_json(entry / RESULT)
         if not isinstance(result, dict):
             self.warn(f"cache entry {entry.name} fails verification ({problems[0] if problems else RESULT + ' unreadable'});"
                       " rebuilding it")
@@ -192,7 +191,7 @@ class StageCache:
     def _verify(entry: Path) -> list[str]:
         if entry.is_symlink():
             return ["a symbolic link, not an entry trtforge wrote"]
-        expected = _json_or_none(entry / FILES)
+        expected = read_small_json(entry / FILES)
         if expected is None:
             return [f"{FILES} missing or unreadable"]
         if not isinstance(expected, dict) or RESULT not in expected:
@@ -256,16 +255,18 @@ class StageCache:
         return None
 
     def _published(self) -> dict[str, Any]:
-        records = _json_or_none(self.root / PUBLISHED) if not self.root.is_symlink() else None
+        records = read_small_json(self.root / PUBLISHED) if not self.root.is_symlink() else None
         return records if isinstance(records, dict) else {}
 
 
-def _json_or_none(path: Path) -> Any:
-    """A small JSON file of the cache, or None where it is missing, a link, or not JSON."""
+def read_small_json(path: Path, max_bytes: int = 64 << 20) -> Any:
+    """A JSON file trtforge wrote (a cache record, a manifest read to tell who owns a directory),
+    or None where it is missing, a link, not a regular file, larger than `max_bytes`, or not JSON."""
     try:
-        if path.is_symlink():
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             return None
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
 
@@ -282,14 +283,19 @@ def file_records_names(directory: Path) -> list[str]:
     return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()]
 
 
+def record_ok(record: Any) -> bool:
+    """A file's record as trtforge writes it: {"size": int >= 0, "sha256": 64 hex digits}."""
+    return (isinstance(record, dict) and isinstance(record.get("size"), int) and not isinstance(record["size"], bool)
+            and record["size"] >= 0 and isinstance(record.get("sha256"), str) and bool(SHA256.fullmatch(record["sha256"])))
+
+
 def check_records(root: Path, expected: dict[str, Any]) -> list[str]:
     """One line per listed file that is missing, not a regular file inside `root`, or differs in
     size or sha256."""
     problems = []
     resolved_root = root.resolve()
     for rel, record in expected.items():
-        if not (safe_relative(rel) and isinstance(record, dict) and isinstance(record.get("size"), int)
-                and isinstance(record.get("sha256"), str)):
+        if not (safe_relative(rel) and record_ok(record)):
             problems.append(f"{str(rel)[:80]}: its record is not a path with a size and a sha256")
             continue
         path = root / rel
@@ -317,26 +323,14 @@ def owned(path: Path, name: str) -> bool:
         return False
     if not any(path.iterdir()):
         return True
-    if (path / MANIFEST).is_symlink():
-        return False
-    try:
-        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
+    manifest = read_small_json(path / MANIFEST)
     return (isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith(SCHEMA_FAMILY)
             and manifest.get("name") == name)
 
 
-def _readable_json(path: Path) -> bool:
-    try:
-        return isinstance(json.loads(path.read_bytes().decode("utf-8")), dict)
-    except (OSError, ValueError, RecursionError):
-        return False
-
-
 def refuse_unowned(path: Path, name: str) -> None:
     if not owned(path, name) and path.is_dir() and not path.is_symlink() and os.path.lexists(path / MANIFEST) \
-            and not _readable_json(path / MANIFEST):
+            and not isinstance(read_small_json(path / MANIFEST), dict):
         raise ArtifactError(f"{path} has a {MANIFEST} that trtforge cannot read (damaged or edited), so it cannot "
                             "tell that it made this directory and will not replace it: if it is a damaged artifact of "
                             "yours, delete it and build again")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trtforge.checks import whole_number
 from trtforge.errors import ArtifactError, EnvironmentProblem, TrtforgeError
 from trtforge.manifest import read_manifest, verify_files, walk_problems
 from trtforge.ownership import TRITON_MARKER as MARKER
@@ -66,9 +67,10 @@ def _pb() -> Any:
 
 def export_triton(artifact: Path, repo: Path, *, gpus: int = 1) -> list[TritonModel]:
     """Write REPO from ARTIFACT; returns the models written. Nothing is written unless every config passes."""
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
-        raise ArtifactError(f"--gpus {gpus!r} is not a whole number of GPUs from 1 to {MAX_GPUS}; pass how many "
-                            "GPUs each GPU instance group uses")
+    try:
+        whole_number("gpus", gpus, 1, MAX_GPUS, "the GPUs each GPU instance group uses")
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
     manifest = read_manifest(artifact)
     problems = verify_files(artifact, manifest)
     if problems:
