@@ -51,7 +51,8 @@ def test_the_fast_tokenizer_gives_transformers_ids_and_pads_them_in_place():
     tokens = FastTokenizer(model_dir, 64).encode(texts)
     assert tokens.lengths.tolist() == [len(ids) for ids in want] and tokens.lengths.max() == 64
     rows = np.array([299, 3, 0, 150])
-    feed = tokens.padded(rows, 64, ["input_ids", "attention_mask", "token_type_ids"])
+    mask, feed = tokens.padded(rows, 64, ["input_ids", "attention_mask", "token_type_ids"])
+    np.testing.assert_array_equal(mask, feed["attention_mask"])
     for line, row in enumerate(rows):
         n = len(want[row])
         assert feed["input_ids"][line, :n].tolist() == want[row] and not feed["input_ids"][line, n:].any()

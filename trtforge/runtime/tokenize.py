@@ -5,7 +5,7 @@ the rows' lengths) until a chunk is padded to its bucket, in one vectorised step
 transformers' tokenizer `__call__` tops out near 24k short texts/s on a 16-core host whatever the
 thread count (Python work per text); `encode_batch_fast` with the conversion below is the
 tokenizers library's own speed (docs/measured.md). The ids are the same: the shipped tokenizer.json
-truncates at text.json's max_length and adds the model's special tokens (tests/test_run.py checks
+truncates at text.json's max_length and adds the model's special tokens (tests/test_tokens.py checks
 them against transformers).
 """
 
@@ -27,7 +27,6 @@ class Tokens:
     ids: np.ndarray  # int64, every row's ids one after another
     type_ids: np.ndarray | None  # int64 like ids, where the tokenizer gives segment ids that are not all 0
     lengths: np.ndarray  # int64, real tokens per row (special tokens included)
-    offsets: np.ndarray | None = None  # (tokens, 2) character spans, where asked for (token labels)
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
@@ -35,17 +34,12 @@ class Tokens:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
     def take(self, rows: Any) -> Tokens:
         """The rows' tokens as a Tokens of their own (ragged, in the order given)."""
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
         lengths = self.lengths[rows]
         index = _ragged_index(self.starts[rows], lengths)
-        return Tokens(self.ids[index], None if self.type_ids is None else self.type_ids[index], lengths,
-                      None if self.offsets is None else self.offsets[index])
+        return Tokens(self.ids[index], None if self.type_ids is None else self.type_ids[index], lengths)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The parts as named arrays (to cross shared memory); from_arrays() reads them back."""
@@ -58,8 +52,9 @@ class Tokens:
     def from_arrays(cls, parts: dict[str, np.ndarray]) -> Tokens:
         return cls(parts["ids"], parts.get("type_ids"), parts["lengths"])
 
-    def padded(self, rows: np.ndarray, width: int, inputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """The engine's inputs for `rows`, right-padded with zeros to `width` (masked)."""
+    def padded(self, rows: np.ndarray, width: int, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rows' attention mask and the engine's inputs for them, right-padded with zeros to
+        `width` (masked)."""
         lengths = np.minimum(self.lengths[rows], width)
         mask = np.arange(width)[None, :] < lengths[:, None]
         index = self.starts[rows][:, None] + np.arange(width)[None, :]
@@ -70,7 +65,7 @@ class Tokens:
             if source is not None:
                 block.ravel()[flat] = source[index.ravel()[flat]]
             feed[name] = block
-        return {name: feed[name] for name in inputs}
+        return feed["attention_mask"], {name: feed[name] for name in inputs}
 
 
 def _ragged_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -100,16 +95,11 @@ class FastTokenizer:
         self.tokenizer.no_padding()
         self.max_length = max_length
 
-    def encode(self, texts: list[str], *, offsets: bool = False) -> Tokens:
-        """Ragged ids of the texts (with character offsets where asked: those cost a little more)."""
-        encodings = (self.tokenizer.encode_batch if offsets else self.tokenizer.encode_batch_fast)(texts)
+    def encode(self, texts: list[str]) -> Tokens:
+        """Ragged ids of the texts (encode_batch_fast: no character offsets, which cost more)."""
+        encodings = self.tokenizer.encode_batch_fast(texts)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
         types = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total)
-        spans = None
-        if offsets:
-            spans = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets)
-                                                              for e in encodings), dtype=np.int64,
-                                count=2 * total).reshape(total, 2)
-        return Tokens(ids, types if types.any() else None, lengths, spans)
+        return Tokens(ids, types if types.any() else None, lengths)

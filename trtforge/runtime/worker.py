@@ -188,7 +188,7 @@ def _prepare(kind: str, slot: int, layout: Any, io: _DataPath, text: TextEncoder
         if kind == "tokens":  # ids tokenized by the caller, ragged: padded here
             from trtforge.runtime.tokenize import Tokens
 
-            return text.batches(Tokens.from_arrays({k: v.copy() for k, v in io.inputs.views(slot, layout).items()}))
+            return text.batches(Tokens.from_arrays(io.inputs.views(slot, layout)))  # (the padded copies outlive the slot)
         return text.prepare(io.inputs.read_texts(slot, layout))
     return io.prepare(slot, layout)
 
@@ -602,11 +602,7 @@ class TextEncoder:
         batches = []
         for part in np.array_split(order, max(1, -(-len(tokens) // self.max_batch))):
             width = bucket_for(int(tokens.lengths[part].max()), self.sequence)
-            feed = tokens.padded(part, width, self.config["inputs"])
-            mask = feed.get("attention_mask")
-            if mask is None:
-                mask = (np.arange(width)[None, :] < tokens.lengths[part][:, None]).astype(np.int64)
-            batches.append((part, mask, feed))
+            batches.append((part, *tokens.padded(part, width, self.config["inputs"])))
         return len(tokens), batches
 
     def finish(self, prepared: tuple[int, list[tuple[Any, Any, dict[str, Any]]]], run: Any) -> dict[str, Any]:
@@ -622,8 +618,7 @@ class TextEncoder:
                 outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
             elif self.labels:
                 outputs = {**outputs, **top_label(next(iter(outputs.values())))}
-            outputs = {k: v.float().cpu().numpy() if hasattr(v, "cpu") and v.is_floating_point()
-                       else v.cpu().numpy() if hasattr(v, "cpu") else v for k, v in outputs.items()}
+            outputs = {k: _host_array(v) for k, v in outputs.items()}
             for name, value in outputs.items():
                 if value.ndim > 2:  # per token: zeros past each text's end, whatever the batch's width
                     value = value * mask.reshape(*mask.shape, *([1] * (value.ndim - 2))).astype(value.dtype)
@@ -634,6 +629,13 @@ class TextEncoder:
                     results[name] = np.zeros(shape, dtype=value.dtype)
                 results[name][(part, *(slice(0, n) for n in value.shape[1:]))] = value
         return results
+
+
+def _host_array(value: Any) -> Any:
+    """A result on the host as numpy: floating tensors in FP32, integer ones (labels) as they are."""
+    if not hasattr(value, "cpu"):
+        return value
+    return (value.float() if value.is_floating_point() else value).cpu().numpy()
 
 
 def top_label(logits: Any) -> dict[str, Any]:
