@@ -41,7 +41,7 @@ def _fail(message: str, code: int) -> None:
 
 
 # What a file-system refusal asks the user to change, by command (see errors.os_error_message).
-OS_FIX_TARGETS = {"build": "--out", "bench": "--out or --results", "export_triton": "REPO"}
+OS_FIX_TARGETS = {"build": "--out", "bench": "--out or --results", "export_triton": "REPO", "run": "--out"}
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,10 +80,12 @@ def main() -> None:
     \b
     trtforge build recipes/minilm.toml     export, validate, FP16, engines, manifest
     trtforge inspect engines/minilm        summarise an artifact and verify its hashes
+    trtforge run engines/minilm texts.txt --out embeddings/   the model over a file of texts, every GPU
     trtforge bench recipes/minilm.toml     runtime vs PyTorch DDP: parity, speed, scaling
     trtforge export triton engines/minilm REPO   a Triton model repository from the artifact
 
-    Exit codes: 0 passed, 1 parity gate or verification failed, 2 bad input or environment.
+    Exit codes: 0 passed, 1 parity gate or verification failed, 2 bad input or environment,
+    130 interrupted.
     """
 
 
@@ -281,6 +283,56 @@ def bench(recipe: Path, out_dir: Path, results: Path | None, batches: str | None
         click.echo((written[1]).read_text())
         click.echo("wrote " + ", ".join(str(p) for p in written))
     sys.exit(0 if report["parity_passed"] or not report["results"]["parity"] else 1)
+
+
+def _devices(value: str) -> str | list[int]:
+    if value in ("all", "cpu"):
+        return value
+    try:
+        indices = [int(part) for part in value.split(",")]
+    except ValueError:
+        indices = []
+    if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+        raise click.BadParameter(f"{value!r}: give all, cpu, or GPU indices such as 0,1", param_hint="--devices")
+    return indices
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Output directory: Parquet shards and _run.json (made if missing; a rerun resumes).")
+@click.option("--column", default="text", show_default=True, help="The column (JSON Lines field) holding the text.")
+@click.option("--id-column", default=None, help="A column to carry into the output as `id` (as a string).")
+@click.option("--format", "output_format", type=click.Choice(["parquet", "npy"]), default="parquet",
+              show_default=True, help="npy: embeddings.npy and rows.npy instead of Parquet shards (embeddings only).")
+@click.option("--devices", default="all", show_default=True, callback=lambda ctx, param, value: _devices(value),
+              help="all (every GPU; CPU workers where there is none), cpu, or GPU indices such as 0,1.")
+@click.option("--cpu-workers", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Engine workers on the CPU, where the run has no GPU.")
+@click.option("--on-bad-row", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="A null, empty or non-string text: stop with exit 2 naming it (fail), or leave it out and "
+                   "count it (skip).")
+@click.option("--shard-rows", type=click.IntRange(min=1, max=1 << 24), default=None,
+              help="Input rows per output shard, the unit of resume [default: 16384 on GPUs, 1024 on CPU].")
+@click.option("--tokenizers", "tokenizer_processes", type=click.IntRange(min=1, max=64), default=None,
+              help="Tokenizing processes [default: from the cores the engines leave].")
+@_common
+@guarded
+def run(artifact: Path, input_path: Path, out: Path, column: str, id_column: str | None, output_format: str,
+        devices: str | list[int], cpu_workers: int, on_bad_row: str, shard_rows: int | None,
+        tokenizer_processes: int | None, quiet: bool, verbose: bool) -> None:
+    """Run ARTIFACT over the texts in INPUT (.txt one a line, .jsonl, .csv, .tsv, .parquet, or a
+    directory of them) and write embeddings (models with pooling) or labels (classifiers) to OUT,
+    in input order, on every GPU. Progress on stderr; interrupted, the same command resumes."""
+    from trtforge.job.run import Options, run_job
+
+    command = ["trtforge", "run", *sys.argv[2:]] if _is_cli_process() else ["trtforge", "run", str(artifact),
+                                                                             str(input_path), "--out", str(out)]
+    options = Options(column=column, id_column=id_column, devices=devices, cpu_workers=cpu_workers,
+                      format=output_format, on_bad_row=on_bad_row, shard_rows=shard_rows,
+                      tokenizer_processes=tokenizer_processes, quiet=quiet, verbose=verbose, command=command)
+    run_job(artifact, input_path, out, options)
 
 
 @main.group()

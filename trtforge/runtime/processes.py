@@ -68,10 +68,10 @@ def resolve_devices(devices: str | int | Sequence[int | str]) -> list[str]:
         return ["cpu"]
     if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1):
         raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
-    if isinstance(devices, int):
-        return ["cpu"] * devices
     if isinstance(devices, int) and devices > MAX_CPU_WORKERS:
         raise ValueError(f"devices={devices}: at most {MAX_CPU_WORKERS} CPU workers")
+    if isinstance(devices, int):
+        return ["cpu"] * devices
     if isinstance(devices, str) or not isinstance(devices, Sequence) or not devices:
         raise ValueError(f"devices={devices!r}: give 'all', 'cpu', a number of CPU workers >= 1, or GPU indices")
     names = []
