@@ -141,3 +141,13 @@ def parity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+if __name__ == "__main__":  # python -m trtforge.bench.workloads short|passage ROWS FILE: the texts, one a line
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] not in ("short", "passage"):
+        raise SystemExit("usage: python -m trtforge.bench.workloads short|passage ROWS FILE")
+    texts, about = corpus(sys.argv[1], int(sys.argv[2]))
+    Path(sys.argv[3]).write_text("".join(f"{t}\n" for t in texts))
+    print(f"wrote {len(texts)} {sys.argv[1]} texts to {sys.argv[3]} (from {about['source']}, sha256 {about['sha256'][:12]})")
