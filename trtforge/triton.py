@@ -31,6 +31,7 @@ from typing import Any
 from trtforge.checks import whole_number
 from trtforge.errors import ArtifactError, EnvironmentProblem, TrtforgeError
 from trtforge.manifest import read_manifest, verify_files, walk_problems
+from trtforge.tokens import embedding_width
 from trtforge.ownership import TRITON_MARKER as MARKER
 from trtforge.ownership import TRITON_SCHEMA, refuse_inside_owned, triton_record
 from trtforge.store import MANIFEST, TMP_PREFIX, _swap, sha256_file
@@ -138,9 +139,10 @@ def _text_model(pb: Any, artifact: Path, manifest: dict[str, Any], graph: Path) 
     text = manifest["text"]  # text.json restates it; verify_files checked that it does
     config = pb.ModelConfig(name=f"{manifest['name']}_text", backend="python", max_batch_size=manifest["shapes"]["batch"][2])
     outputs = manifest["io"]["outputs"]
-    if text.get("pooling"):  # one pooled vector per text
+    pooling = text.get("pooling")
+    if pooling:  # one pooled vector per text
         [hidden] = [o["shape"][-1] for o in outputs[:1]]
-        declared = {"embedding": ("TYPE_FP32", [hidden])}
+        declared = {"embedding": ("TYPE_FP32", [embedding_width(pooling, hidden)])}
     else:
         declared = {o["name"]: ("TYPE_FP32", _dims(o["shape"])) for o in outputs}
     io = {"inputs": {"TEXT": ("TYPE_STRING", [1])}, "outputs": declared}
@@ -149,7 +151,8 @@ def _text_model(pb: Any, artifact: Path, manifest: dict[str, Any], graph: Path) 
     tokenizer_dir = artifact / text["tokenizer"]
     files = {"1/model.py": TEXT_MODEL, "1/model.onnx": graph, "1/text.json": artifact / manifest["roles"]["text-config"],
              "1/tokenizer.json": tokenizer_dir / "tokenizer.json",
-             "1/tokenizer_config.json": tokenizer_dir / "tokenizer_config.json"}
+             "1/tokenizer_config.json": tokenizer_dir / "tokenizer_config.json",
+             **{f"1/{layer['file']}": artifact / layer["file"] for layer in (pooling or {}).get("dense", [])}}
     return TritonModel(config.name, config, files, io, served_here=True)
 
 

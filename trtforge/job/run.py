@@ -32,6 +32,7 @@ from trtforge.errors import ArtifactError, TrtforgeError
 from trtforge.job.inputs import InputError, Source
 from trtforge.job.output import SCHEMA, RunDir, fingerprint
 from trtforge.job.tokenizing import TokenizerPool, plan
+from trtforge.tokens import embedding_width, prompt_text
 
 SHARD_ROWS_GPU, SHARD_ROWS_CPU = 16384, 1024
 TOKENIZE_AHEAD = 2  # shards queued per tokenizing process
@@ -54,6 +55,7 @@ class Options:
     on_bad_row: str = "fail"  # or "skip"
     shard_rows: int | None = None  # None: SHARD_ROWS_GPU on GPUs, SHARD_ROWS_CPU on CPU workers
     tokenizer_processes: int | None = None  # None: from the cores (job/tokenizing.plan)
+    prompt: str | None = None  # one of the model's prompts (None: its default prompt, if any)
     quiet: bool = False
     verbose: bool = False
     command: list[str] = field(default_factory=list)
@@ -85,6 +87,10 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
         raise InputError(f"--format npy writes embeddings, and {artifact} is a {task} model (labels); "
                          "use --format parquet")
     refuse_inside_owned(out, "--out")
+    try:
+        prefix = prompt_text(text, options.prompt)
+    except ValueError as e:
+        raise InputError(f"--prompt: {e}; name one of them, or leave --prompt out") from None
     source = Source.open(input_path, column=options.column, id_column=options.id_column,
                          max_chars=CHARS_PER_TOKEN * text["max_length"])
     devices, gpus = _devices(options)
@@ -92,10 +98,11 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     identity = {"artifact": {"path": str(artifact.resolve()), "manifest_sha256": sha256_file(artifact / "manifest.json"),
                              "model": manifest["model"].get("name"), "task": task},
                 "input": {"files": source.identity(), "column": options.column, "id_column": options.id_column},
-                "options": {"shard_rows": shard_rows, "on_bad_row": options.on_bad_row, "format": options.format}}
+                "options": {"shard_rows": shard_rows, "on_bad_row": options.on_bad_row, "format": options.format,
+                            "prompt": prefix}}
     header = {"schema": SCHEMA, "trtforge": __version__, "command": options.command, **identity,
               "fingerprint": fingerprint(identity)}
-    width = _width(manifest, kind)
+    width = _width(manifest, text, kind)
     made = not os.path.lexists(out)
     run = RunDir.open(out, header, meter.line)
     if run.record.get("complete"):
@@ -110,7 +117,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
         startup_s = time.perf_counter() - started
         meter.start(done_rows, source, total=source.known_rows())  # rates from here: the streaming part
         try:
-            job.run(_shards(source, shard_rows, done_shards, options.on_bad_row), run, kind, width, labels)
+            job.run(_shards(source, shard_rows, done_shards, options.on_bad_row, prefix), run, kind, width, labels)
         finally:
             job.close()
     except InputError:
@@ -159,13 +166,14 @@ def _kind(artifact: Path, text: dict | None, task: str) -> str:
                         "outputs are not written yet (use trtforge.runtime.Runtime.encode)")
 
 
-def _width(manifest: dict, kind: str) -> int:
-    """The length of each row's vector (the hidden size, or the number of labels)."""
+def _width(manifest: dict, text: dict, kind: str) -> int:
+    """The length of each row's vector: the embedding's (after Dense layers and truncate_dim), or
+    the number of labels."""
     output = manifest["io"]["outputs"][0]
     last = output["shape"][-1]
     if not isinstance(last, int):
         raise ArtifactError(f"the artifact's output {output['name']} has no fixed last axis ({last!r})")
-    return last
+    return embedding_width(text["pooling"], last) if kind == "embeddings" else last
 
 
 def _devices(options: Options) -> tuple[Any, bool]:
@@ -180,9 +188,9 @@ def _devices(options: Options) -> tuple[Any, bool]:
     return list(options.devices), True
 
 
-def _shards(source: Source, shard_rows: int, start: int, policy: str) -> Iterator[Shard]:
-    """The input in shards of `shard_rows` rows, from shard `start` on; bad rows raise (fail) or
-    are recorded in their shard (skip)."""
+def _shards(source: Source, shard_rows: int, start: int, policy: str, prefix: str = "") -> Iterator[Shard]:
+    """The input in shards of `shard_rows` rows, from shard `start` on, each text after `prefix`
+    (the model's prompt); bad rows raise (fail) or are recorded in their shard (skip)."""
     number = start * shard_rows
     index = start
     shard = Shard(index, 0, [], [], [] if source.id_column else None, [])
@@ -195,7 +203,7 @@ def _shards(source: Source, shard_rows: int, start: int, policy: str) -> Iterato
             shard.bad.append({"row": number, "where": source.where(row), "problem": problem})
         else:
             shard.numbers.append(number)
-            shard.texts.append(text)
+            shard.texts.append(prefix + text if prefix else text)
             if shard.ids is not None:
                 shard.ids.append(row.id)
         shard.rows += 1

@@ -46,6 +46,7 @@ from trtforge.runtime.requests import Chunk, Request, span
 from trtforge.runtime.results import HEAP_ROUNDS, Results
 from trtforge.runtime.shaping import TEXT_BYTES_PER_TOKEN, TOKEN_BUDGET, RequestShaper, default_batching
 from trtforge.runtime.tokenize import Tokens
+from trtforge.tokens import prompt_text
 from trtforge.runtime.shm import ALIGN, MAX_SLOTS, SLOTS, max_bytes, send_plain
 
 __all__ = ["Runtime", "WorkerError", "WorkerDied", "RequestTimeout", "resolve_devices"]
@@ -198,16 +199,21 @@ class Runtime:
             raise WorkerDied("every worker has exited; create a new Runtime")
         return live
 
-    def submit_text(self, texts: Sequence[str]) -> Future:
+    def submit_text(self, texts: Sequence[str], *, prompt: str | None = None) -> Future:
         """Send strings; the workers tokenize them (in parallel, with the artifact's tokenizer and its
         validated truncation limit, while their engines run), run them in length-sorted batches, and
         apply the artifact's pooling. The future's result: {"embedding": (n, hidden)} where the model
         has pooling, else the model's outputs in text order (per-token outputs padded with zeros to
         the longest text). Texts are cut at max_length x 16 characters before they are sent, far
-        past what the tokenizer keeps."""
+        past what the tokenizer keeps. `prompt`: the name of one of the model's prompts (text.json's
+        `prompts`, from sentence-transformers' config), put before every text as sentence-transformers
+        does; None takes the model's default prompt, where it names one."""
         self._check_open()
         if self.text is None:
             raise WorkerError(f"{self.artifact} carries no tokenizer (no text.json); send token ids with run()")
+        prefix = prompt_text(self.text, prompt)
+        if prefix:
+            texts = [prefix + t if isinstance(t, str) else t for t in texts]
         request = self._shaper.text_request(next(self._ids), texts, len(self._live()), timeout_s=self.timeout_s)
         return self._enqueue(request)
 
@@ -224,9 +230,9 @@ class Runtime:
                                               token_budget=token_budget)
         return self._enqueue(request)
 
-    def encode(self, texts: Sequence[str], timeout: float | None = None) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[str], timeout: float | None = None, *, prompt: str | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""
-        return self.submit_text(texts).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
+        return self.submit_text(texts, prompt=prompt).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
 
     def run(self, batch: Mapping[str, Any], timeout: float | None = None) -> Any:
         return self.submit(batch).result(timeout=timeout if timeout is not None else self.timeout_s + 5)

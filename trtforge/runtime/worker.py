@@ -37,7 +37,7 @@ from typing import Any
 
 from trtforge.runtime.batching import bucket_for, real_tokens
 from trtforge.runtime.shm import Arena, layout_bytes, place, send_plain, tensor_views
-from trtforge.tokens import pool
+from trtforge.tokens import load_dense, pool
 
 
 def serve(index: int, artifact: str, device: str, backend_name: str | None, outputs_on: str,
@@ -585,7 +585,8 @@ class TextEncoder:
         from trtforge.runtime.tokenize import FastTokenizer
         from trtforge.tokens import LABEL_TASKS
 
-        self.config = config
+        self.config, self.artifact = config, artifact
+        self.dense: list | None = None  # sentence-transformers' Dense layers, loaded on first use
         self.tokenizer = FastTokenizer(artifact / config["tokenizer"], config["max_length"], threads=threads)
         self.labels = task in LABEL_TASKS  # the top label and its score, computed beside the logits
         self.max_batch = profile["batch"][2]
@@ -615,7 +616,10 @@ class TextEncoder:
             outputs = run(feed)  # left where computed
             pooling = self.config.get("pooling")
             if pooling:  # on the device: only (rows, hidden) crosses to the host
-                outputs = {"embedding": pool(next(iter(outputs.values())), mask, pooling)}
+                hidden = next(iter(outputs.values()))
+                if self.dense is None:  # the Dense layers' weights, once, where the states are
+                    self.dense = load_dense(self.artifact, pooling, device=getattr(hidden, "device", "cpu"))
+                outputs = {"embedding": pool(hidden, mask, pooling, self.dense)}
             elif self.labels:
                 outputs = {**outputs, **top_label(next(iter(outputs.values())))}
             outputs = {k: _host_array(v) for k, v in outputs.items()}

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from trtforge.errors import EnvironmentProblem
 from trtforge.stages.context import BuildContext
 
 
@@ -15,7 +16,8 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from trtforge.stages.export import export_onnx
-    from trtforge.tokens import LABEL_TASKS, TOKENIZER_DIR, label_names, pooling_of, save_tokenizer
+    from trtforge.tokens import (LABEL_TASKS, MODULES_DIR, TOKENIZER_DIR, ModulesError, label_names, pooling_of,
+                                 prompts_of, save_tokenizer)
 
     loaded = build.loaded
     path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx",
@@ -24,8 +26,14 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     ops = Counter(node.op_type for node in graph.node)
     config = loaded.model.config
     tokenizer = save_tokenizer(loaded.tokenizer, scratch / TOKENIZER_DIR, max_length=build.recipe.shapes.extent[2])
+    try:  # sentence-transformers' modules after the transformer, and its prompts
+        pooling = pooling_of(loaded.spec.local_dir, scratch / MODULES_DIR) if tokenizer else None
+        prompts = prompts_of(loaded.spec.local_dir) if tokenizer else None
+    except ModulesError as e:
+        raise EnvironmentProblem(f"{loaded.spec.source}: {e}; trtforge refuses what it cannot reproduce exactly "
+                                 "(docs/architectures.md lists what is supported)") from None
     return {
-        "text": {"tokenizer": tokenizer, "pooling": pooling_of(loaded.spec.local_dir) if tokenizer else None,
+        "text": {"tokenizer": tokenizer, "pooling": pooling, "prompts": prompts,
                  "labels": label_names(config) if build.recipe.model.task in LABEL_TASKS else None},
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
