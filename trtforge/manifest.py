@@ -294,6 +294,9 @@ def text_config_problems(text: Any, manifest: dict[str, Any]) -> list[str]:
     if text.get("inputs") != [s["name"] for s in manifest["io"]["inputs"]]:
         problems.append(f"its inputs {text.get('inputs')!r} are not the engine's")
     problems += _pooling_problems(text.get("pooling"))
+    cross = text.get("cross_encoder")
+    if cross is not None and not (isinstance(cross, dict) and cross.get("activation") in ACTIVATIONS):
+        problems.append(f"its cross_encoder {cross!r} is not null or {{activation: {'|'.join(ACTIVATIONS)}}}")
     prompts = text.get("prompts")
     if prompts is not None and not (isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                                       for k, v in prompts.items())

@@ -462,7 +462,8 @@ class Build:
                            inputs=[t["name"] for t in self.export_result()["io"]["inputs"]],
                            pooling=self.export_result()["text"]["pooling"],
                            labels=self.export_result()["text"].get("labels"),
-                           prompts=self.export_result()["text"].get("prompts"))
+                           prompts=self.export_result()["text"].get("prompts"),
+                           cross_encoder=self.export_result()["text"].get("cross_encoder"))
 
     def _roles(self, files: dict[str, Any]) -> dict[str, str]:
         """Which file is which, for consumers that do not want to guess from names."""

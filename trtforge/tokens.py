@@ -82,6 +82,27 @@ def prompts_of(model_dir: Path | None) -> dict[str, Any]:
     return {"prompts": prompts, "default_prompt_name": default}
 
 
+def cross_encoder_of(model_dir: Path | None) -> dict[str, Any] | None:
+    """A sentence-transformers CrossEncoder's scoring (config_sentence_transformers.json): the
+    activation on its logits, or None where the folder is not a CrossEncoder's."""
+    config = _read_json(model_dir / "config_sentence_transformers.json") if model_dir else {}
+    if config.get("model_type") != "CrossEncoder":
+        return None
+    name = str(config.get("activation_fn") or "torch.nn.modules.linear.Identity").rsplit(".", 1)[-1]
+    if name not in ACTIVATIONS:
+        raise ModulesError(f"config_sentence_transformers.json: CrossEncoder activation {config.get('activation_fn')!r} "
+                           f"is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return {"activation": ACTIVATIONS[name]}
+
+
+def activate(name: str, values: Any) -> Any:
+    """A named activation (ACTIVATIONS' values) on a numpy array."""
+    import numpy as np
+    import torch
+
+    return _activate(name, torch.from_numpy(np.asarray(values, dtype=np.float32))).numpy()
+
+
 def prompt_text(text: dict[str, Any], name: str | None) -> str:
     """The prompt to put before each text: the one named, else the model's default, else none."""
     prompts = text.get("prompts") or {}
@@ -178,9 +199,12 @@ def save_tokenizer(tokenizer: Any, directory: Path, *, max_length: int) -> bool:
 
 
 def text_config(*, max_length: int, inputs: list[str], pooling: dict[str, Any] | None,
-                labels: list[str] | None = None, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
+                labels: list[str] | None = None, prompts: dict[str, Any] | None = None,
+                cross_encoder: dict[str, Any] | None = None) -> dict[str, Any]:
     config = {"tokenizer": TOKENIZER_DIR, "max_length": max_length, "inputs": inputs, "pooling": pooling,
               "truncation": "texts longer than max_length tokens are cut to it: the artifact was validated up to it"}
+    if cross_encoder is not None:  # a sentence-transformers CrossEncoder: pairs in, activated scores out
+        config["cross_encoder"] = cross_encoder
     if prompts and prompts.get("prompts"):  # sentence-transformers' named prompts, prepended to the text
         config["prompts"] = prompts["prompts"]
         config["default_prompt_name"] = prompts.get("default_prompt_name")

@@ -110,6 +110,7 @@ class Runtime:
             raise ValueError(f"in_process=True runs one device, got {len(self.devices)}; serve several devices "
                              "with worker processes (in_process=False, the default)")
         self._requests: dict[int, Request] = {}
+        self._pair_tokenizer: Any = None  # made by score(), once
         self._pending: collections.deque[Chunk] = collections.deque()
         self._timings: collections.deque[tuple] = collections.deque(maxlen=100_000)
         self._ids = itertools.count()
@@ -229,6 +230,31 @@ class Runtime:
         request = self._shaper.tokens_request(next(self._ids), tokens, len(self._live()), timeout_s=self.timeout_s,
                                               token_budget=token_budget)
         return self._enqueue(request)
+
+    def score(self, pairs: Sequence[tuple[str, str]], timeout: float | None = None) -> np.ndarray:
+        """A cross-encoder's (reranker's) scores of (query, passage) pairs, as sentence-transformers'
+        CrossEncoder.predict gives them: the model's activation (text.json's cross_encoder) on its
+        logits, (n,) for one label, else (n, labels). The pairs are tokenized here, together, with
+        the artifact's tokenizer (truncating the longer text first, at max_length), and go to the
+        workers as submit_tokens."""
+        from trtforge.tokens import activate
+
+        self._check_open()
+        cross = (self.text or {}).get("cross_encoder")
+        if cross is None:
+            raise WorkerError(f"{self.artifact} is not a cross-encoder (its text.json has no cross_encoder); "
+                              "score() takes a model saved by sentence-transformers' CrossEncoder")
+        if isinstance(pairs, (str, bytes)) or not all(isinstance(p, (tuple, list)) and len(p) == 2
+                                                      and all(isinstance(t, str) for t in p) for p in pairs):
+            raise ValueError("score() takes a sequence of (text, text) pairs of strings")
+        if self._pair_tokenizer is None:
+            from trtforge.runtime.tokenize import FastTokenizer
+
+            self._pair_tokenizer = FastTokenizer(self.artifact / self.text["tokenizer"], self.text["max_length"])
+        tokens = self._pair_tokenizer.encode([tuple(p) for p in pairs])
+        logits = self.submit_tokens(tokens).result(timeout=timeout if timeout is not None else self.timeout_s + 5)
+        scores = activate(cross["activation"], logits[next(iter(self.output_specs))])
+        return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def encode(self, texts: Sequence[str], timeout: float | None = None, *, prompt: str | None = None) -> dict[str, np.ndarray]:
         """Text in, the model's outputs (or pooled embeddings) out: see submit_text."""

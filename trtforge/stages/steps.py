@@ -16,8 +16,8 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from trtforge.stages.export import export_onnx
-    from trtforge.tokens import (LABEL_TASKS, MODULES_DIR, TOKENIZER_DIR, ModulesError, label_names, pooling_of,
-                                 prompts_of, save_tokenizer)
+    from trtforge.tokens import (LABEL_TASKS, MODULES_DIR, TOKENIZER_DIR, ModulesError, cross_encoder_of,
+                                 label_names, pooling_of, prompts_of, save_tokenizer)
 
     loaded = build.loaded
     path = export_onnx(loaded, build.recipe.shapes, build.recipe.export, scratch / "model.onnx",
@@ -29,11 +29,13 @@ def export(build: BuildContext, scratch: Path) -> dict[str, Any]:
     try:  # sentence-transformers' modules after the transformer, and its prompts
         pooling = pooling_of(loaded.spec.local_dir, scratch / MODULES_DIR) if tokenizer else None
         prompts = prompts_of(loaded.spec.local_dir) if tokenizer else None
+        cross_encoder = (cross_encoder_of(loaded.spec.local_dir)
+                         if tokenizer and build.recipe.model.task == "sequence-classification" else None)
     except ModulesError as e:
         raise EnvironmentProblem(f"{loaded.spec.source}: {e}; trtforge refuses what it cannot reproduce exactly "
                                  "(docs/architectures.md lists what is supported)") from None
     return {
-        "text": {"tokenizer": tokenizer, "pooling": pooling, "prompts": prompts,
+        "text": {"tokenizer": tokenizer, "pooling": pooling, "prompts": prompts, "cross_encoder": cross_encoder,
                  "labels": label_names(config) if build.recipe.model.task in LABEL_TASKS else None},
         "model_type": config.model_type,
         "num_heads": getattr(config, "num_attention_heads", 0),
