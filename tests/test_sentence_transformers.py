@@ -255,3 +255,18 @@ backends = ["onnxruntime-cpu"]
     assert got.shape == want.shape == (len(pairs),)
     spread = want.std()
     assert spread > 0 and np.abs(got - want).max() < 0.02 * spread, (np.abs(got - want).max(), spread)
+
+    # trtforge run: pairs from two columns, scores in input order.
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"query": q, "passage": d}) + "\n" for q, d in pairs))
+    run = [sys.executable, "-m", "trtforge", "run", str(artifact), str(source), "--column", "query"]
+    result = subprocess.run([*run, "--pair-column", "passage", "--out", str(tmp_path / "run"), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "run")
+    assert table.column("row").to_pylist() == list(range(len(pairs)))
+    assert np.abs(table.column("score").to_numpy() - want).max() < 0.02 * spread
+    missing = subprocess.run([*run, "--out", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "is a cross-encoder: it scores pairs of texts" in missing.stderr

@@ -315,6 +315,8 @@ def _devices(value: str) -> str | list[int]:
                    "count it (skip).")
 @click.option("--shard-rows", type=click.IntRange(min=1, max=1 << 24), default=None,
               help="Input rows per output shard, the unit of resume [default: 16384 on GPUs, 1024 on CPU].")
+@click.option("--pair-column", default=None,
+              help="Cross-encoders (rerankers): the column of each pair's second text; --column holds the first.")
 @click.option("--prompt", default=None,
               help="One of the model's prompts (sentence-transformers' config, e.g. query), put before each text "
                    "[default: the model's default prompt, if it names one].")
@@ -324,7 +326,8 @@ def _devices(value: str) -> str | list[int]:
 @guarded
 def run(artifact: Path, input_path: Path, out: Path, column: str, id_column: str | None, output_format: str,
         devices: str | list[int], cpu_workers: int, on_bad_row: str, shard_rows: int | None,
-        tokenizer_processes: int | None, prompt: str | None, quiet: bool, verbose: bool) -> None:
+        tokenizer_processes: int | None, pair_column: str | None, prompt: str | None, quiet: bool,
+        verbose: bool) -> None:
     """Run ARTIFACT over the texts in INPUT (.txt one a line, .jsonl, .csv, .tsv, .parquet, or a
     directory of them) and write embeddings (models with pooling) or labels (classifiers) to OUT,
     in input order, on every GPU. Progress on stderr; interrupted, the same command resumes."""
@@ -334,7 +337,8 @@ def run(artifact: Path, input_path: Path, out: Path, column: str, id_column: str
                                                                              str(input_path), "--out", str(out)]
     options = Options(column=column, id_column=id_column, devices=devices, cpu_workers=cpu_workers,
                       format=output_format, on_bad_row=on_bad_row, shard_rows=shard_rows,
-                      tokenizer_processes=tokenizer_processes, prompt=prompt, quiet=quiet, verbose=verbose,
+                      tokenizer_processes=tokenizer_processes, prompt=prompt, pair_column=pair_column, quiet=quiet,
+                      verbose=verbose,
                       command=command)
     run_job(artifact, input_path, out, options)
 

@@ -37,6 +37,7 @@ class Row:
     id: Any
     file: int  # index into Source.files
     line: int  # 1-based line (text formats) or 0-based row (Parquet) in its file
+    pair: Any = None  # the second text, where the input holds pairs (--pair-column)
 
 
 @dataclass
@@ -48,13 +49,15 @@ class Source:
     column: str
     id_column: str | None
     max_chars: int  # texts are cut here, far past what the tokenizer keeps
+    pair_column: str | None = None  # a second text per row: (text, pair) for cross-encoders
     sizes: list[int] = field(default_factory=list)
     read_bytes: int = 0  # how much of the input has been read (Parquet: its share of the size), for an ETA
 
     @classmethod
-    def open(cls, path: Path, *, column: str = "text", id_column: str | None = None, max_chars: int) -> Source:
+    def open(cls, path: Path, *, column: str = "text", id_column: str | None = None, max_chars: int,
+             pair_column: str | None = None) -> Source:
         files = _files(path)
-        source = cls(files, [FORMATS[f.suffix.lower()] for f in files], column, id_column, max_chars)
+        source = cls(files, [FORMATS[f.suffix.lower()] for f in files], column, id_column, max_chars, pair_column)
         source.sizes = [f.stat().st_size for f in files]
         for file, kind in zip(files, source.formats):
             source._check(file, kind)
@@ -91,23 +94,33 @@ class Source:
         unit = "row" if self.formats[row.file] == "parquet" else "line"
         return f"{self.files[row.file]}, {unit} {row.line}"
 
-    def text_of(self, row: Row) -> tuple[str | None, str | None]:
-        """(the text, cut at max_chars) or (None, what is wrong with the row)."""
-        value = row.value
+    def text_of(self, row: Row) -> tuple[Any, str | None]:
+        """(the text, cut at max_chars; a (text, pair) tuple with a pair column) or (None, what is
+        wrong with the row)."""
+        text, problem = self._one_text(row.value, self.column)
+        if problem is None and self.pair_column:
+            pair, problem = self._one_text(row.pair, self.pair_column)
+            return ((text, pair), None) if problem is None else (None, problem)
+        return text, problem
+
+    def _one_text(self, value: Any, column: str) -> tuple[str | None, str | None]:
         if isinstance(value, _Unreadable):
             return None, str(value)
         if value is None:
-            return None, f"{self.column} is null"
+            return None, f"{column} is null"
         if not isinstance(value, str):
-            return None, f"{self.column} is not a string ({type(value).__name__})"
+            return None, f"{column} is not a string ({type(value).__name__})"
         if not value.strip():
-            return None, f"{self.column} is empty"
+            return None, f"{column} is empty"
         return value[:self.max_chars], None
 
     # --- checks before any work --------------------------------------------------------------------
     def _check(self, file: Path, kind: str) -> None:
-        wanted = [self.column] + ([self.id_column] if self.id_column else [])
+        wanted = [self.column] + [c for c in (self.pair_column, self.id_column) if c]
         if kind == "text":
+            if self.pair_column:
+                raise InputError(f"{file}: a text file has one text a line, so --pair-column {self.pair_column!r} "
+                                 "cannot be read; give pairs as JSON Lines, CSV or Parquet")
             if self.id_column:
                 raise InputError(f"{file}: a text file has one text a line and no columns, so --id-column "
                                  f"{self.id_column!r} cannot be read; drop --id-column (rows are numbered) or use "
@@ -123,7 +136,7 @@ class Source:
             return
         for name in wanted:
             if name not in names:
-                option = "--column" if name == self.column else "--id-column"
+                option = {self.column: "--column", self.pair_column: "--pair-column"}.get(name, "--id-column")
                 shown = ", ".join(repr(n) for n in list(names)[:12])
                 raise InputError(f"{file} has no column {name!r} (it has {shown}); name the right one with {option}")
 
@@ -224,8 +237,10 @@ def _read_jsonl(source: Source, file: Path, index: int, skip: int) -> Iterator[R
                 problem = "not a JSON object" if not isinstance(record, dict) else f"has no field {source.column!r}"
                 yield Row(_Unreadable(problem), None, index, number)
                 continue
+            pair = record.get(source.pair_column, _Unreadable(f"has no field {source.pair_column!r}")) \
+                if source.pair_column else None
             yield Row(record[source.column], _id_text(record.get(source.id_column)) if source.id_column else None,
-                      index, number)
+                      index, number, pair)
 
 
 def _read_csv(source: Source, file: Path, index: int, skip: int) -> Iterator[Row | None]:
@@ -242,7 +257,7 @@ def _read_csv(source: Source, file: Path, index: int, skip: int) -> Iterator[Row
                 if number % 4096 == 0:
                     source._read(index, f.buffer.tell())
                 yield Row(record.get(source.column), _id_text(record.get(source.id_column)) if source.id_column else None,
-                          index, reader.line_num)
+                          index, reader.line_num, record.get(source.pair_column) if source.pair_column else None)
         except UnicodeDecodeError as e:
             raise _decode_error(source, index, reader.line_num + 1, e) from None
 
@@ -264,17 +279,18 @@ def _read_parquet(source: Source, file: Path, index: int, skip: int) -> Iterator
         groups.append(g)
     for _ in range(first):
         yield None
-    columns = [source.column] + ([source.id_column] if source.id_column else [])
+    columns = list(dict.fromkeys(c for c in (source.column, source.id_column, source.pair_column) if c))
     number = first
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
         source._read(index, source.sizes[index] * number // max(1, parquet.metadata.num_rows))
-        values = batch.column(0).to_pylist()
-        ids = batch.column(1).to_pylist() if source.id_column else [None] * len(values)
-        for value, id_ in zip(values, ids):
+        values = batch.column(source.column).to_pylist()
+        ids = batch.column(source.id_column).to_pylist() if source.id_column else [None] * len(values)
+        pairs = batch.column(source.pair_column).to_pylist() if source.pair_column else [None] * len(values)
+        for value, id_, pair in zip(values, ids, pairs):
             if number < skip:
                 yield None
             else:
-                yield Row(value, _id_text(id_) if source.id_column else None, index, number)
+                yield Row(value, _id_text(id_) if source.id_column else None, index, number, pair)
             number += 1
 
 

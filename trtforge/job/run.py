@@ -32,7 +32,7 @@ from trtforge.errors import ArtifactError, TrtforgeError
 from trtforge.job.inputs import InputError, Source
 from trtforge.job.output import SCHEMA, RunDir, fingerprint
 from trtforge.job.tokenizing import TokenizerPool, plan
-from trtforge.tokens import embedding_width, prompt_text
+from trtforge.tokens import activate, embedding_width, prompt_text
 
 SHARD_ROWS_GPU, SHARD_ROWS_CPU = 16384, 1024
 TOKENIZE_AHEAD = 2  # shards queued per tokenizing process
@@ -56,6 +56,7 @@ class Options:
     shard_rows: int | None = None  # None: SHARD_ROWS_GPU on GPUs, SHARD_ROWS_CPU on CPU workers
     tokenizer_processes: int | None = None  # None: from the cores (job/tokenizing.plan)
     prompt: str | None = None  # one of the model's prompts (None: its default prompt, if any)
+    pair_column: str | None = None  # cross-encoders: the second text of each pair
     quiet: bool = False
     verbose: bool = False
     command: list[str] = field(default_factory=list)
@@ -82,7 +83,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     manifest = read_manifest(artifact)
     text = verified_text_config(artifact, manifest)
     task = manifest["model"]["task"]
-    kind = _kind(artifact, text, task)
+    kind = _kind(artifact, text, task, options.pair_column)
     if options.format == "npy" and kind != "embeddings":
         raise InputError(f"--format npy writes embeddings, and {artifact} is a {task} model (labels); "
                          "use --format parquet")
@@ -92,12 +93,13 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     except ValueError as e:
         raise InputError(f"--prompt: {e}; name one of them, or leave --prompt out") from None
     source = Source.open(input_path, column=options.column, id_column=options.id_column,
-                         max_chars=CHARS_PER_TOKEN * text["max_length"])
+                         pair_column=options.pair_column, max_chars=CHARS_PER_TOKEN * text["max_length"])
     devices, gpus = _devices(options)
     shard_rows = options.shard_rows or (SHARD_ROWS_GPU if gpus else SHARD_ROWS_CPU)
     identity = {"artifact": {"path": str(artifact.resolve()), "manifest_sha256": sha256_file(artifact / "manifest.json"),
                              "model": manifest["model"].get("name"), "task": task},
-                "input": {"files": source.identity(), "column": options.column, "id_column": options.id_column},
+                "input": {"files": source.identity(), "column": options.column, "id_column": options.id_column,
+                          "pair_column": options.pair_column},
                 "options": {"shard_rows": shard_rows, "on_bad_row": options.on_bad_row, "format": options.format,
                             "prompt": prefix}}
     header = {"schema": SCHEMA, "trtforge": __version__, "command": options.command, **identity,
@@ -111,13 +113,12 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     done_shards, done_rows = len(run.record["shards"]), run.done_rows
     if done_shards:
         meter.line(f"  resuming: {done_shards} shard(s), {done_rows:,} rows, written before and verified")
-    labels = text.get("labels")
     try:
         job = _Pipeline(artifact, devices, gpus, text, options, meter)
         startup_s = time.perf_counter() - started
         meter.start(done_rows, source, total=source.known_rows())  # rates from here: the streaming part
         try:
-            job.run(_shards(source, shard_rows, done_shards, options.on_bad_row, prefix), run, kind, width, labels)
+            job.run(_shards(source, shard_rows, done_shards, options.on_bad_row, prefix), run, kind, width, text)
         finally:
             job.close()
     except InputError:
@@ -151,19 +152,26 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     return summary
 
 
-def _kind(artifact: Path, text: dict | None, task: str) -> str:
+def _kind(artifact: Path, text: dict | None, task: str, pair_column: str | None) -> str:
     from trtforge.tokens import LABEL_TASKS
 
     if text is None:
         raise ArtifactError(f"{artifact} carries no tokenizer (no text.json), so trtforge run cannot read text "
                             "with it; build it from a model folder that has its tokenizer")
+    if text.get("cross_encoder"):
+        if not pair_column:
+            raise InputError(f"{artifact} is a cross-encoder: it scores pairs of texts; name the column of each "
+                             "pair's second text with --pair-column")
+        return "scores"
+    if pair_column:
+        raise InputError(f"--pair-column: {artifact} is not a cross-encoder (it reads one text a row); drop --pair-column")
     if text.get("pooling"):
         return "embeddings"
     if task in LABEL_TASKS:
         return "labels"
     raise ArtifactError(f"{artifact} is a {task} model without pooling: trtforge run writes embeddings (models "
-                        "with sentence-transformers pooling) and labels (sequence classifiers) only; per-token "
-                        "outputs are not written yet (use trtforge.runtime.Runtime.encode)")
+                        "with sentence-transformers pooling), labels (sequence classifiers) and scores "
+                        "(cross-encoders) only; per-token outputs are not written yet (use trtforge.runtime.Runtime.encode)")
 
 
 def _width(manifest: dict, text: dict, kind: str) -> int:
@@ -203,7 +211,9 @@ def _shards(source: Source, shard_rows: int, start: int, policy: str, prefix: st
             shard.bad.append({"row": number, "where": source.where(row), "problem": problem})
         else:
             shard.numbers.append(number)
-            shard.texts.append(prefix + text if prefix else text)
+            if prefix:
+                text = (prefix + text[0], text[1]) if isinstance(text, tuple) else prefix + text
+            shard.texts.append(text)
             if shard.ids is not None:
                 shard.ids.append(row.id)
         shard.rows += 1
@@ -235,7 +245,7 @@ class _Pipeline:
             meter.line(f"  {len(self.runtime.devices)} engine worker(s) on {', '.join(self.runtime.devices)}; "
                        f"{processes} tokenizing process(es) x {threads} thread(s)")
 
-    def run(self, shards: Iterator[Shard], out: RunDir, kind: str, width: int, labels: list[str] | None) -> None:
+    def run(self, shards: Iterator[Shard], out: RunDir, kind: str, width: int, text: dict) -> None:
         tokenizing: collections.deque[tuple[Shard, Future | None]] = collections.deque()
         inferring: collections.deque[tuple[Shard, int, Future | None]] = collections.deque()
         writing: collections.deque[Future] = collections.deque()
@@ -248,7 +258,7 @@ class _Pipeline:
 
         def write(shard: Shard, count: int, result: Future | None) -> None:
             outputs = result.result() if result is not None else None  # the runtime bounds every wait
-            writing.append(self.writer.submit(self._write, out, shard, outputs, count, kind, width, labels))
+            writing.append(self.writer.submit(self._write, out, shard, outputs, count, kind, width, text))
 
         def settle(limit_t: int, limit_i: int, limit_w: int) -> None:
             while len(tokenizing) > limit_t or (tokenizing and _ready(tokenizing[0][1])):
@@ -264,8 +274,8 @@ class _Pipeline:
         settle(0, 0, 0)
 
     def _write(self, out: RunDir, shard: Shard, outputs: dict | None, tokens: int, kind: str, width: int,
-               labels: list[str] | None) -> None:
-        out.write_shard(shard.index, _table(shard, outputs, kind, width, labels), rows=shard.rows, bad=shard.bad,
+               text: dict) -> None:
+        out.write_shard(shard.index, _table(shard, outputs, kind, width, text), rows=shard.rows, bad=shard.bad,
                         tokens=tokens)
         self.meter.add(shard.rows, tokens)
 
@@ -279,16 +289,22 @@ def _ready(future: Future | None) -> bool:
     return future is None or future.done()
 
 
-def _table(shard: Shard, outputs: dict | None, kind: str, width: int, labels: list[str] | None) -> Any:
+def _table(shard: Shard, outputs: dict | None, kind: str, width: int, text: dict) -> Any:
     """A shard's results as an Arrow table: row, id (where asked), then the task's columns."""
     import pyarrow as pa
 
+    labels = text.get("labels")
+    activation = (text.get("cross_encoder") or {}).get("activation", "identity")
     n = len(shard.numbers)
     columns: dict[str, Any] = {"row": pa.array(np.asarray(shard.numbers, dtype=np.int64))}
     if shard.ids is not None:
         columns["id"] = pa.array(shard.ids, pa.string())
     if kind == "embeddings":
         columns["embedding"] = _vectors(outputs["embedding"] if outputs else np.zeros((0, width)), width)
+    elif kind == "scores":  # the cross-encoder's activation on its logits, as CrossEncoder.predict gives them
+        logits = np.asarray(outputs["logits"] if outputs else np.zeros((0, width)), dtype=np.float32)
+        scores = activate(activation, logits)
+        columns["score"] = pa.array(scores[:, 0]) if width == 1 else _vectors(scores, width)
     else:
         label = outputs["label"].astype(np.int64) if outputs else np.zeros(0, np.int64)
         columns["label"] = pa.array([labels[i] for i in label.tolist()] if labels else label.astype(str).tolist(),
