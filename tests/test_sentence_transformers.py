@@ -61,19 +61,21 @@ def st_model(root: Path, name: str, pooling: str, *, dense: int | None = None, n
     return folder
 
 
-def build(root: Path, folder: Path) -> subprocess.CompletedProcess:
+def build(root: Path, folder: Path, backends: str = '["onnxruntime-cpu"]', task: str = "feature-extraction"
+          ) -> subprocess.CompletedProcess:
+    root.mkdir(parents=True, exist_ok=True)
     (root / "r.toml").write_text(f"""
 [model]
 name = "st"
 source = "{folder}"
-task = "feature-extraction"
+task = "{task}"
 
 [shapes]
 batch = [1, 8, 16]
 sequence = [1, 32, 64]
 
 [engines]
-backends = ["onnxruntime-cpu"]
+backends = {backends}
 """)
     return subprocess.run([sys.executable, "-m", "trtforge", "build", str(root / "r.toml"), "--out", str(root / "out"),
                            "-q"], capture_output=True, text=True, timeout=600)
@@ -270,3 +272,40 @@ backends = ["onnxruntime-cpu"]
     assert np.abs(table.column("score").to_numpy() - want).max() < 0.02 * spread
     missing = subprocess.run([*run, "--out", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is a cross-encoder: it scores pairs of texts" in missing.stderr
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_decoder_embedder_and_a_cross_encoder_match_sentence_transformers(tmp_path):
+    """FP16 engines on the GPU (onnxruntime CUDA) against sentence-transformers FP32 on the GPU."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from trtforge.runtime import Runtime
+
+    folder = st_model(tmp_path / "decoder", "st-model", "lasttoken", normalize=True, architecture="qwen2")
+    assert build(tmp_path / "decoder", folder, backends='["auto"]').returncode == 0
+    want = SentenceTransformer(str(folder), device="cuda").encode(TEXTS, batch_size=8)
+    with Runtime(tmp_path / "decoder" / "out" / "st", devices="all") as rt:
+        assert rt.workers[0]["device"].startswith("cuda")
+        got = rt.encode(TEXTS)["embedding"]
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+
+    import torch
+    import transformers
+
+    base = tmp_path / "ce-base"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(transformer_dir(tmp_path, "bert"))
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                     num_labels=1)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    reranker = tmp_path / "reranker"
+    CrossEncoder(str(base), max_length=64, device="cpu").save(str(reranker))
+    assert build(tmp_path / "ce", reranker, backends='["auto"]', task="sequence-classification").returncode == 0
+    pairs = list(zip(TEXTS[:12], TEXTS[12:24]))
+    want = CrossEncoder(str(reranker), device="cuda").predict(pairs, batch_size=8)
+    with Runtime(tmp_path / "ce" / "out" / "st", devices="all") as rt:
+        got = rt.score(pairs)
+    assert np.abs(got - want).max() < 2e-3, np.abs(got - want).max()  # sigmoid scores, FP16 engine
