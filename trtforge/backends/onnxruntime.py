@@ -26,8 +26,6 @@ next batch while this one runs.
 
 from __future__ import annotations
 
-import math
-
 import os
 import shutil
 from pathlib import Path
@@ -40,12 +38,6 @@ from trtforge.devices import GpuInfo, distinct_models
 # CUDA graphs are captured per input shape, each in a session of its own; past this many shapes the
 # engine serves new shapes from its dynamic session rather than grow without bound.
 MAX_CUDA_GRAPHS = 16
-# A graph pays for its capture (a session of its own, about a second) only where launch overhead
-# dominates: small chunks. Measured on an H200 (BERT-base, sequence 128, docs/measured.md): captured
-# 0.68 vs 2.25 ms at batch 1, but 2.63 vs 2.36 ms at batch 32 and 8.39 vs 7.52 ms at batch 128; and
-# `trtforge run`'s token-budget chunks (many rows x widths, up to 16,384 tokens) spent most of a
-# run capturing (results/2026-12-06-h100-text-in). Larger chunks run in the dynamic session.
-GRAPH_MAX_TOKENS = 2048
 PACKED_FILE = "model.packed.onnx"
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 
@@ -301,9 +293,7 @@ class OnnxruntimeEngine(Engine):
         if self._packed(feed, real_tokens):
             return self._run(self.packed_session, feed, self._bind_outputs(feed))
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
-        small = math.prod(key[0]) <= GRAPH_MAX_TOKENS
-        if (self.cuda_graph and small and key not in self.graph_failures
-                and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS)):
+        if self.cuda_graph and key not in self.graph_failures and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS):
             graph = self.graphs.get(key) or self._capture(key, feed)
             if graph is not None:
                 return graph.run(feed)
