@@ -390,7 +390,7 @@ def test_the_meter_redraws_one_line_on_a_terminal_and_prints_plain_lines_elsewhe
         def isatty(self) -> bool:
             return True
 
-    source = Source([], [], "text", None, 100, sizes=[1000], read_bytes=500)
+    source = Source([], [], "text", None, 100, sizes=[1000], read_bytes=500, rows_read=1000)  # ~2,000 rows
     terminal, log = Terminal(), io.StringIO()
     for stream in (terminal, log):
         meter = Meter(stream, quiet=False)
@@ -439,3 +439,28 @@ def test_run_on_every_gpu_gives_minilm_embeddings_equal_to_pytorch_and_resumes(t
     again = trtforge("run", *args, "--out", str(tmp_path / "out"))
     assert again.returncode == 0 and "resuming: 6 shard(s)" in again.stderr, again.stderr
     assert shard_hashes(tmp_path / "out") == want
+
+
+@needs_minilm
+def test_ctrl_c_stops_the_run_in_one_line_with_exit_130_and_the_same_command_resumes(minilm, tmp_path):
+    rows = texts(300, seed=13)
+    source = write(tmp_path / "in.txt", "txt", rows)
+    args = [sys.executable, "-m", "trtforge", "run", str(minilm), str(source), "--shard-rows", "25",
+            "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(args, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if len(json.loads((tmp_path / "out" / "_run.json").read_text())["shards"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the run and every process it started
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr  # neither the run nor its tokenizing or engine processes
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted; ") and "run the same command again" in stderr
+    resumed = trtforge(*args[3:])
+    assert resumed.returncode == 0 and "resuming: " in resumed.stderr, resumed.stderr
+    assert table(tmp_path / "out").column("row").to_pylist() == list(range(300))

@@ -52,6 +52,8 @@ class Source:
     pair_column: str | None = None  # a second text per row: (text, pair) for cross-encoders
     sizes: list[int] = field(default_factory=list)
     read_bytes: int = 0  # how much of the input has been read (Parquet: its share of the size), for an ETA
+    rows_read: int = 0  # rows read when read_bytes was last set
+    _rows: int = 0  # rows read so far (before `skip` included)
 
     @classmethod
     def open(cls, path: Path, *, column: str = "text", id_column: str | None = None, max_chars: int,
@@ -81,14 +83,21 @@ class Source:
         parsed; Parquet's row groups before are not read)."""
         for index, (file, kind) in enumerate(zip(self.files, self.formats)):
             for row in _READERS[kind](self, file, index, skip):
+                self._rows += 1
                 if row is None:
                     skip -= 1
                     continue
                 yield row
-            self.read_bytes = sum(self.sizes[:index + 1])
+            self.read_bytes, self.rows_read = sum(self.sizes[:index + 1]), self._rows
+
+    def estimated_rows(self) -> int | None:
+        """The input's rows: counted where read to the end, else from the bytes per row so far."""
+        if not self.read_bytes or not self.rows_read:
+            return None
+        return round(self.rows_read * sum(self.sizes) / self.read_bytes)
 
     def _read(self, index: int, done: int) -> None:
-        self.read_bytes = sum(self.sizes[:index]) + done
+        self.read_bytes, self.rows_read = sum(self.sizes[:index]) + done, self._rows
 
     def where(self, row: Row) -> str:
         unit = "row" if self.formats[row.file] == "parquet" else "line"

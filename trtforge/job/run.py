@@ -343,7 +343,6 @@ class Meter:
 
     def start(self, rows: int, source: Source, total: int | None) -> None:
         self.base, self.rows, self.source, self.total = rows, rows, source, total
-        self.total_bytes = sum(source.sizes)
         self.began = time.perf_counter()
         self.drawn = self.began - self.PLAIN_EVERY_S  # the first shard is reported at once
 
@@ -364,12 +363,9 @@ class Meter:
     def _status(self, now: float) -> str:
         elapsed = max(now - self.began, 1e-9)
         rate = (self.rows - self.base) / elapsed
-        if self.total:
-            done = f"{self.rows:,}/{self.total:,} rows"
-            fraction = self.rows / self.total
-        else:
-            done = f"{self.rows:,} rows"
-            fraction = self.source.read_bytes / self.total_bytes if self.total_bytes else 0.0
+        total = self.total or self.source.estimated_rows()  # Parquet says; line formats, from bytes per row
+        done = f"{self.rows:,}/{self.total:,} rows" if self.total else f"{self.rows:,} rows"
+        fraction = self.rows / total if total else 0.0
         eta = f", ETA {_clock(elapsed * (1 - fraction) / fraction)}" if 0 < fraction < 1 else ""
         return (f"  run  {done} ({100 * min(fraction, 1):.0f}%), {_count(rate)} rows/s, "
                 f"{_count(self.tokens / elapsed)} tokens/s{eta}")

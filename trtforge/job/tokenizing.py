@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class TokenizerPool:
 
 def _start(tokenizer_dir: str, max_length: int, threads: int) -> None:
     global _tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle: it stops this pool
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     from trtforge.runtime.tokenize import FastTokenizer
 
