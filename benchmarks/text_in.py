@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--engines", default="/tmp/text-in-engines")
     parser.add_argument("--st-rows", type=int, default=50_000)
     parser.add_argument("--only", choices=["minilm", "bert-base-classifier"], default=None)
+    parser.add_argument("--no-st", action="store_true", help="leave out sentence-transformers' speed (parity stays)")
     args = parser.parse_args()
     out, engines = Path(args.out), Path(args.engines)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,8 +78,9 @@ def main() -> None:
             row = {"artifact": name, "workload": kind, "rows": len(texts), "corpus_sha256": about["sha256"]}
             row["run"] = trtforge_run(artifact, path, engines / f"out-{name}-{kind}")
             row.update(runtime_paths(artifact, texts))
-            if name == "minilm":
+            if name == "minilm" and not args.no_st:
                 row["sentence_transformers_fp16"] = sentence_transformers_speed(minilm_dir, texts[:args.st_rows])
+            if name == "minilm":
                 row["parity"] = embedding_parity(minilm_dir, engines / f"out-{name}-{kind}", texts[:5000])
             else:
                 row["parity"] = label_parity(artifacts_dir(artifact), engines / f"out-{name}-{kind}", texts[:2000])
@@ -96,7 +98,8 @@ def write_report(out: Path, results: list[dict]) -> dict:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "card": card,
               "gpus": torch.cuda.device_count(), "cpu_cores": len(os.sched_getaffinity(0)),
               "python": platform.python_version(), "torch": torch.__version__, "commit": commit(),
-              "command": "python benchmarks/text_in.py " + " ".join(sys.argv[1:]), "results": results}
+              "command": "python benchmarks/text_in.py " + " ".join(sys.argv[1:]),
+              "environment": {k: v for k, v in os.environ.items() if k.startswith("TRTFORGE_")}, "results": results}
     (out / "text-in.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "text-in.md").write_text(markdown(report))
     return report
@@ -259,6 +262,8 @@ def ratios(row: dict) -> dict:
 
 
 def commit() -> str:
+    if os.environ.get("TRTFORGE_COMMIT"):  # a copy of the tree whose .git is not its own (the device's)
+        return os.environ["TRTFORGE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError:
@@ -267,7 +272,9 @@ def commit() -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Text in: `trtforge run` vs the same runtime pre-tokenized ({report['card']}, {report['date']})", "",
-             f"Command: `{report['command']}` at {report['commit']}; {report['cpu_cores']} CPU cores, "
+             f"Command: `{' '.join(f'{k}={v}' for k, v in report.get('environment', {}).items() if k != 'TRTFORGE_COMMIT')}"
+             f"{' ' if report.get('environment') else ''}{report['command']}` at {report['commit']}; "
+             f"{report['cpu_cores']} CPU cores, "
              f"torch {report['torch']}.", "",
              "| artifact | workload | rows | run rows/s | run real tokens/s | pre-tokenized rows/s | encode rows/s "
              "| sentence-transformers FP16 rows/s | run / pre-tokenized | run / ST | parity |",

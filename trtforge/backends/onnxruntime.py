@@ -26,6 +26,7 @@ next batch while this one runs.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +39,10 @@ from trtforge.devices import GpuInfo, distinct_models
 # CUDA graphs are captured per input shape, each in a session of its own; past this many shapes the
 # engine serves new shapes from its dynamic session rather than grow without bound.
 MAX_CUDA_GRAPHS = 16
+# Captured graphs save launch overhead, which matters for small chunks; a capture costs 0.1-1 s of its
+# own, mid-stream where a run meets a new shape. TRTFORGE_CUDA_GRAPH_MAX_TOKENS=N captures only chunks
+# of at most N padded tokens (0: none); unset, every shape is captured (up to MAX_CUDA_GRAPHS).
+_GRAPH_MAX_TOKENS = os.environ.get("TRTFORGE_CUDA_GRAPH_MAX_TOKENS")
 PACKED_FILE = "model.packed.onnx"
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 
@@ -293,11 +298,20 @@ class OnnxruntimeEngine(Engine):
         if self._packed(feed, real_tokens):
             return self._run(self.packed_session, feed, self._bind_outputs(feed))
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
-        if self.cuda_graph and key not in self.graph_failures and (key in self.graphs or len(self.graphs) < MAX_CUDA_GRAPHS):
+        if self._capturable(key):
             graph = self.graphs.get(key) or self._capture(key, feed)
             if graph is not None:
                 return graph.run(feed)
         return self._run(self.session, feed, self._bind_outputs(feed))
+
+    def _capturable(self, key: tuple) -> bool:
+        if not self.cuda_graph or key in self.graph_failures:
+            return False
+        if key in self.graphs:
+            return True
+        if _GRAPH_MAX_TOKENS is not None and math.prod(key[0]) > int(_GRAPH_MAX_TOKENS):
+            return False
+        return len(self.graphs) < MAX_CUDA_GRAPHS
 
     def _bind_outputs(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         import torch
