@@ -322,12 +322,17 @@ def _devices(value: str) -> str | list[int]:
                    "[default: the model's default prompt, if it names one].")
 @click.option("--tokenizers", "tokenizer_processes", type=click.IntRange(min=1, max=64), default=None,
               help="Tokenizing processes [default: from the cores the engines leave].")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run as a Ray Data pipeline on the cluster at ADDRESS (local: start one on this machine, "
+                   "127.0.0.1 only); needs pip install 'trtforge[ray]'.")
+@click.option("--ray-cpus", type=click.IntRange(min=1, max=4096), default=None,
+              help="With --ray local: the CPUs the local Ray instance may use [default: all].")
 @_common
 @guarded
 def run(artifact: Path, input_path: Path, out: Path, column: str, id_column: str | None, output_format: str,
         devices: str | list[int], cpu_workers: int, on_bad_row: str, shard_rows: int | None,
-        tokenizer_processes: int | None, pair_column: str | None, prompt: str | None, quiet: bool,
-        verbose: bool) -> None:
+        tokenizer_processes: int | None, pair_column: str | None, prompt: str | None, ray_address: str | None,
+        ray_cpus: int | None, quiet: bool, verbose: bool) -> None:
     """Run ARTIFACT over the texts in INPUT (.txt one a line, .jsonl, .csv, .tsv, .parquet, or a
     directory of them) and write embeddings (models with pooling) or labels (classifiers) to OUT,
     in input order, on every GPU. Progress on stderr; interrupted, the same command resumes."""
@@ -337,7 +342,8 @@ def run(artifact: Path, input_path: Path, out: Path, column: str, id_column: str
                                                                              str(input_path), "--out", str(out)]
     options = Options(column=column, id_column=id_column, devices=devices, cpu_workers=cpu_workers,
                       format=output_format, on_bad_row=on_bad_row, shard_rows=shard_rows,
-                      tokenizer_processes=tokenizer_processes, prompt=prompt, pair_column=pair_column, quiet=quiet,
+                      tokenizer_processes=tokenizer_processes, prompt=prompt, pair_column=pair_column,
+                      ray=ray_address, ray_cpus=ray_cpus, quiet=quiet,
                       verbose=verbose,
                       command=command)
     run_job(artifact, input_path, out, options)

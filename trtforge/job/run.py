@@ -57,6 +57,8 @@ class Options:
     tokenizer_processes: int | None = None  # None: from the cores (job/tokenizing.plan)
     prompt: str | None = None  # one of the model's prompts (None: its default prompt, if any)
     pair_column: str | None = None  # cross-encoders: the second text of each pair
+    ray: str | None = None  # a Ray cluster's address, or "local": run as a Ray Data pipeline (job/raydata.py)
+    ray_cpus: int | None = None  # --ray local: the CPUs the local Ray instance may use (None: all)
     quiet: bool = False
     verbose: bool = False
     command: list[str] = field(default_factory=list)
@@ -114,11 +116,16 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     if done_shards:
         meter.line(f"  resuming: {done_shards} shard(s), {done_rows:,} rows, written before and verified")
     try:
-        job = _Pipeline(artifact, devices, gpus, text, options, meter)
+        if options.ray:
+            from trtforge.job.raydata import RayPipeline
+
+            job: Any = RayPipeline(options.ray, artifact, gpus, text, options, meter)
+        else:
+            job = _Pipeline(artifact, devices, gpus, text, options, meter)
         startup_s = time.perf_counter() - started
         meter.start(done_rows, source, total=source.known_rows())  # rates from here: the streaming part
         try:
-            job.run(_shards(source, shard_rows, done_shards, options.on_bad_row, prefix), run, kind, width, text)
+            job.run(source, shard_rows, done_shards, options.on_bad_row, prefix, run, kind, width, text)
         finally:
             job.close()
     except InputError:
@@ -185,6 +192,8 @@ def _width(manifest: dict, text: dict, kind: str) -> int:
 
 
 def _devices(options: Options) -> tuple[Any, bool]:
+    if options.ray:  # the cluster's devices, which its actors see (GPUs unless --devices cpu)
+        return f"ray:{options.ray}", options.devices != "cpu"
     if options.devices == "cpu":
         return options.cpu_workers, False
     if options.devices == "all":
@@ -245,7 +254,10 @@ class _Pipeline:
             meter.line(f"  {len(self.runtime.devices)} engine worker(s) on {', '.join(self.runtime.devices)}; "
                        f"{processes} tokenizing process(es) x {threads} thread(s)")
 
-    def run(self, shards: Iterator[Shard], out: RunDir, kind: str, width: int, text: dict) -> None:
+    def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: RunDir, kind: str,
+            width: int, text: dict) -> None:
+        """The input from shard `start` on, through the stages, into `out`."""
+        shards = _shards(source, shard_rows, start, policy, prefix)
         tokenizing: collections.deque[tuple[Shard, Future | None]] = collections.deque()
         inferring: collections.deque[tuple[Shard, int, Future | None]] = collections.deque()
         writing: collections.deque[Future] = collections.deque()
@@ -291,30 +303,45 @@ def _ready(future: Future | None) -> bool:
 
 def _table(shard: Shard, outputs: dict | None, kind: str, width: int, text: dict) -> Any:
     """A shard's results as an Arrow table: row, id (where asked), then the task's columns."""
+    return _arrow(shard.numbers, shard.ids, _columns(outputs, len(shard.numbers), kind, width, text))
+
+
+def _columns(outputs: dict | None, n: int, kind: str, width: int, text: dict) -> dict[str, np.ndarray]:
+    """The task's columns from the runtime's outputs for n rows: `embedding`; or `score` (the
+    cross-encoder's activation on its logits, as CrossEncoder.predict gives them); or `label` (the
+    config's name), `label_id`, `score` and `logits`."""
+    empty = np.zeros((0, width), np.float32)
+    if kind == "embeddings":
+        return {"embedding": np.asarray(outputs["embedding"] if outputs else empty, dtype=np.float32)}
+    if kind == "scores":
+        activation = (text.get("cross_encoder") or {}).get("activation", "identity")
+        scores = activate(activation, np.asarray(outputs["logits"] if outputs else empty, dtype=np.float32))
+        return {"score": scores[:, 0] if width == 1 else scores}
+    labels = text.get("labels")
+    label = outputs["label"].astype(np.int64) if outputs else np.zeros(0, np.int64)
+    names = [labels[i] for i in label.tolist()] if labels else label.astype(str).tolist()
+    columns = {"label": np.array(names, dtype=object).reshape(n), "label_id": label,
+               "score": np.asarray(outputs["score"] if outputs else np.zeros(0), dtype=np.float32),
+               "logits": np.asarray(outputs["logits"] if outputs else empty, dtype=np.float32)}
+    return columns
+
+
+def _arrow(numbers: list[int], ids: list[str | None] | None, columns: dict[str, np.ndarray]) -> Any:
     import pyarrow as pa
 
-    labels = text.get("labels")
-    activation = (text.get("cross_encoder") or {}).get("activation", "identity")
-    n = len(shard.numbers)
-    columns: dict[str, Any] = {"row": pa.array(np.asarray(shard.numbers, dtype=np.int64))}
-    if shard.ids is not None:
-        columns["id"] = pa.array(shard.ids, pa.string())
-    if kind == "embeddings":
-        columns["embedding"] = _vectors(outputs["embedding"] if outputs else np.zeros((0, width)), width)
-    elif kind == "scores":  # the cross-encoder's activation on its logits, as CrossEncoder.predict gives them
-        logits = np.asarray(outputs["logits"] if outputs else np.zeros((0, width)), dtype=np.float32)
-        scores = activate(activation, logits)
-        columns["score"] = pa.array(scores[:, 0]) if width == 1 else _vectors(scores, width)
-    else:
-        label = outputs["label"].astype(np.int64) if outputs else np.zeros(0, np.int64)
-        columns["label"] = pa.array([labels[i] for i in label.tolist()] if labels else label.astype(str).tolist(),
-                                    pa.string())
-        columns["label_id"] = pa.array(label)
-        columns["score"] = pa.array(np.asarray(outputs["score"] if outputs else np.zeros(0), dtype=np.float32))
-        columns["logits"] = _vectors(outputs["logits"] if outputs else np.zeros((0, width)), width)
-    table = pa.table(columns)
-    assert table.num_rows == n, (table.num_rows, n)
-    return table
+    table: dict[str, Any] = {"row": pa.array(np.asarray(numbers, dtype=np.int64))}
+    if ids is not None:
+        table["id"] = pa.array(ids, pa.string())
+    for name, values in columns.items():
+        if values.dtype == object:
+            table[name] = pa.array(values.tolist(), pa.string())
+        elif values.ndim == 2:
+            table[name] = _vectors(values, values.shape[1])
+        else:
+            table[name] = pa.array(values)
+    result = pa.table(table)
+    assert result.num_rows == len(numbers), (result.num_rows, len(numbers))
+    return result
 
 
 def _vectors(values: np.ndarray, width: int) -> Any:

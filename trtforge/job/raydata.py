@@ -1,0 +1,294 @@
+"""`trtforge run --ray`: the same job as a Ray Data pipeline, for data past one machine.
+
+    read (Ray Data: Parquet, JSON Lines, text)
+        -> tokenize (Tokenize: CPU actors, the artifact's Rust tokenizer; bad rows marked, not dropped)
+        -> infer (Model: one actor per GPU, or CPU actors; each loads the artifact through the
+                  runtime's checked loader, so a file that does not match its sha256 is refused
+                  before any row)
+        -> write (this process: the single-host run's shards and _run.json, in input order)
+
+Ray Data keeps the input's order (`preserve_order`), so row numbers are counted here as rows come
+back, and the output is the single-host `trtforge run`'s, shard for shard. Ray restarts an actor
+that dies and redoes its blocks; the rows come here once each. A rerun after a lost driver or head
+node keeps the shards _run.json lists and recomputes (but does not rewrite) the rows before them.
+
+`Model` is also the public API for users' own pipelines:
+
+    import ray
+    from trtforge.job.raydata import Model
+
+    ds = ray.data.read_parquet("s3://bucket/texts/")
+    ds.map_batches(Model, fn_constructor_kwargs={"artifact": "engines/minilm"},
+                   num_gpus=1, concurrency=4, batch_size=4096).write_parquet("s3://bucket/embeddings/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.job.inputs import InputError, Source
+
+IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
+READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
+BLOCK_ROWS = 4096  # rows per batch between the stages
+ACTOR_CPUS = 0.5  # the CPU share Ray reserves for each tokenizing (and CPU inference) actor
+
+
+def _checked(value: Any, column: str, max_chars: int) -> tuple[str | None, str]:
+    """(the text cut at max_chars, "") or (None, what is wrong): the single-host run's checks."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None, f"{column} is null"
+    if isinstance(value, bytes):
+        return None, f"{column} is not a string (bytes)"
+    if not isinstance(value, str):
+        return None, f"{column} is not a string ({type(value).__name__})"
+    if not value.strip():
+        return None, f"{column} is empty"
+    return value[:max_chars], ""
+
+
+def _artifact_text(artifact: str) -> tuple[dict, dict]:
+    from trtforge.manifest import read_manifest, verified_text_config
+
+    manifest = read_manifest(Path(artifact))
+    return manifest, verified_text_config(Path(artifact), manifest)
+
+
+class Tokenize:
+    """Ray Data stage (CPU): texts (with their pairs) to ragged ids; a bad row gets an empty id
+    list and its problem, so that row numbers and the bad-row policy stay the driver's."""
+
+    def __init__(self, artifact: str, column: str = "text", pair_column: str | None = None, prefix: str = "",
+                 id_column: str | None = None, threads: int = 1) -> None:
+        from trtforge.runtime.tokenize import FastTokenizer
+
+        _, text = _artifact_text(artifact)  # the tokenizer's files are verified before they are read
+        self.column, self.pair_column, self.prefix, self.id_column = column, pair_column, prefix, id_column
+        self.max_chars = 16 * text["max_length"]
+        self.tokenizer = FastTokenizer(Path(artifact) / text["tokenizer"], text["max_length"], threads=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[self.column])
+        texts, problems, good = [], [], []
+        pairs = batch[self.pair_column] if self.pair_column else None
+        for i, value in enumerate(batch[self.column]):
+            text, problem = _checked(value, self.column, self.max_chars)
+            if not problem and pairs is not None:
+                pair, problem = _checked(pairs[i], self.pair_column, self.max_chars)
+                text = (self.prefix + text, pair) if not problem else None
+            elif not problem:
+                text = self.prefix + text
+            problems.append(problem)
+            if not problem:
+                texts.append(text)
+                good.append(i)
+        ids = np.empty(n, dtype=object)
+        ids[:] = [np.zeros(0, np.int64)] * n
+        if texts:
+            tokens = self.tokenizer.encode(texts)
+            for row, start, length in zip(good, tokens.starts, tokens.lengths):
+                ids[row] = tokens.ids[start:start + length]
+        out = {IDS: ids, PROBLEM: np.array(problems, dtype=object)}
+        if self.id_column:
+            out[ID] = np.array([None if v is None else str(v) for v in batch[self.id_column]], dtype=object)
+        return out
+
+
+class Model:
+    """Ray Data stage (one actor per GPU, or CPU actors): the artifact on this actor's device.
+
+    Takes Tokenize's columns, or texts in `column` (tokenized here). Returns the task's columns:
+    `embedding` (models with pooling), `label`/`label_id`/`score`/`logits` (classifiers), `score`
+    (cross-encoders, with `pair_column`). The runtime's loader verifies the artifact (sha256 of
+    every file it reads) and refuses an engine that does not match this actor's GPU."""
+
+    def __init__(self, artifact: str, column: str = "text", pair_column: str | None = None,
+                 prompt: str | None = None, cpu_workers: int = 1) -> None:
+        import torch
+
+        from trtforge.job.run import _kind, _width
+        from trtforge.runtime import Runtime
+        from trtforge.tokens import prompt_text
+
+        manifest, self.text = _artifact_text(artifact)
+        self.kind = _kind(Path(artifact), self.text, manifest["model"]["task"], pair_column)
+        self.width = _width(manifest, self.text, self.kind)
+        self.column, self.pair_column = column, pair_column
+        self.prefix = prompt_text(self.text, prompt)
+        gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0  # Ray shows an actor its own GPU
+        self.runtime = Runtime(artifact, devices="all" if gpu else cpu_workers)
+        self.tokenizer = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from trtforge.job.run import _columns
+        from trtforge.runtime.tokenize import Tokens
+
+        if IDS in batch:
+            good = [i for i, p in enumerate(batch[PROBLEM]) if not p]
+            rows = [np.asarray(batch[IDS][i], dtype=np.int64) for i in good]
+            tokens = Tokens(np.concatenate(rows) if rows else np.zeros(0, np.int64), None,
+                            np.array([len(r) for r in rows], dtype=np.int64))
+        else:
+            good = list(range(len(batch[self.column])))
+            tokens = self._tokenize(batch)
+        outputs = self.runtime.submit_tokens(tokens).result() if good else None
+        columns = _columns(outputs, len(good), self.kind, self.width, self.text)
+        return {name: _spread(np.asarray(values), good, len(batch[PROBLEM if IDS in batch else self.column]))
+                for name, values in columns.items()}
+
+    def _tokenize(self, batch: dict[str, np.ndarray]) -> Any:
+        from trtforge.runtime.tokenize import FastTokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = FastTokenizer(Path(self.runtime.artifact) / self.text["tokenizer"], self.text["max_length"])
+        texts = []
+        for i, value in enumerate(batch[self.column]):
+            text, problem = _checked(value, self.column, 16 * self.text["max_length"])
+            if problem:
+                raise ValueError(f"row {i} of a batch: {problem}")
+            texts.append(self.prefix + text if not self.pair_column else (self.prefix + text, str(batch[self.pair_column][i])))
+        return self.tokenizer.encode(texts)
+
+    def __del__(self) -> None:
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.close()
+
+
+def _spread(values: np.ndarray, good: list[int], n: int) -> np.ndarray:
+    """Values of the good rows at their places in a batch of n rows (zeros, or None, at bad ones)."""
+    if len(good) == n:
+        return values
+    out = np.zeros((n, *values.shape[1:]), dtype=values.dtype) if values.dtype != object else np.full(n, None, object)
+    out[good] = values
+    return out
+
+
+class RayPipeline:
+    """The Ray Data form of run.py's _Pipeline: same `run` contract, same output."""
+
+    def __init__(self, address: str, artifact: Path, gpus: bool, text: dict, options: Any, meter: Any) -> None:
+        import ray
+
+        self.artifact, self.text, self.options, self.meter = artifact, text, options, meter
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            if address == "local":  # a Ray instance of this machine's own, on loopback only
+                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                         num_cpus=options.ray_cpus, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        resources = ray.cluster_resources()
+        self.gpus = int(resources.get("GPU", 0)) if options.devices != "cpu" else 0
+        cpus = int(resources.get("CPU", 1))
+        self.infer_actors = self.gpus or options.cpu_workers
+        self.tokenize_actors = max(1, cpus - 1) if self.gpus else 1
+        self.tokenizers = type("Plan", (), {"processes": self.tokenize_actors, "threads": 1})()
+        meter.line(f"  Ray at {address}: {self.infer_actors} inference actor(s) on "
+                   f"{'GPUs' if self.gpus else 'CPUs'}, {self.tokenize_actors} tokenizing actor(s)")
+
+    def dataset(self, source: Source, prefix: str) -> Any:
+        import ray
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows come back in input order
+        context.enable_progress_bars = False
+        kinds = set(source.formats)
+        if len(kinds) != 1 or next(iter(kinds)) not in READERS:
+            raise InputError(f"--ray reads one format at a time of {', '.join(READERS)}; {source.files[0].parent} "
+                             f"holds {', '.join(sorted(kinds))}: convert it, or run without --ray")
+        kind = next(iter(kinds))
+        files = [str(f) for f in source.files]
+        o = self.options
+        if kind == "text":
+            ds = ray.data.read_text(files, drop_empty_lines=False)
+        elif kind == "jsonl":
+            ds = ray.data.read_json(files, lines=True)
+        else:
+            ds = ray.data.read_parquet(files, columns=[c for c in (o.column, o.pair_column, o.id_column) if c])
+        column = "text" if kind == "text" else o.column
+        tokenize = dict(artifact=str(self.artifact), column=column, pair_column=o.pair_column, prefix=prefix,
+                        id_column=o.id_column)
+        # CPU shares, not whole CPUs: whole ones for both actor pools would leave the read tasks none
+        # on a small cluster (2 CPUs in CI), and the job would wait for ever.
+        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, batch_size=BLOCK_ROWS,
+                            concurrency=self.tokenize_actors, num_cpus=ACTOR_CPUS)
+        infer = dict(artifact=str(self.artifact), pair_column=o.pair_column, cpu_workers=1)
+        return ds.map_batches(_Keep(Model), fn_constructor_kwargs=infer, batch_size=BLOCK_ROWS,
+                              concurrency=self.infer_actors, num_gpus=1 if self.gpus else 0,
+                              num_cpus=0 if self.gpus else ACTOR_CPUS, max_restarts=-1, max_task_retries=-1)
+
+    def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: Any, kind: str,
+            width: int, text: dict) -> None:
+        from trtforge.job.run import Shard
+
+        skip = start * shard_rows  # rows already written: computed again, not written again
+        number, index = 0, start
+        pending: dict[str, list] = {}
+        for batch in self.dataset(source, prefix).iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy"):
+            n = len(batch[PROBLEM])
+            for name, values in batch.items():
+                pending.setdefault(name, []).append(values)
+            if skip:
+                cut = min(skip, n)
+                pending = {k: [np.concatenate(v)[cut:]] for k, v in pending.items()}
+                skip -= cut
+                number += cut
+            while len(pending) and sum(len(v) for v in pending[PROBLEM]) >= shard_rows:
+                rows, pending = _split(pending, shard_rows)
+                self._write(out, Shard(index, 0, [], [], None, []), rows, number, policy, kind, width, text, source)
+                number += shard_rows
+                index += 1
+        if pending and sum(len(v) for v in pending[PROBLEM]):
+            rows, _ = _split(pending, sum(len(v) for v in pending[PROBLEM]))
+            self._write(out, Shard(index, 0, [], [], None, []), rows, number, policy, kind, width, text, source)
+
+    def _write(self, out: Any, shard: Any, rows: dict[str, np.ndarray], first: int, policy: str, kind: str,
+               width: int, text: dict, source: Source) -> None:
+        from trtforge.job.run import _arrow
+
+        problems = rows[PROBLEM]
+        good = [i for i, p in enumerate(problems) if not p]
+        shard.rows = len(problems)
+        for i, problem in enumerate(problems):
+            if problem:
+                where = f"{source.files[0] if len(source.files) == 1 else 'input'} row {first + i}"
+                if policy == "fail":
+                    raise InputError(f"{where}: {problem}; fix the row, or pass --on-bad-row skip to leave such rows "
+                                     "out (they are counted and listed)")
+                shard.bad.append({"row": first + i, "where": where, "problem": problem})
+        shard.numbers = [first + i for i in good]
+        if self.options.id_column:
+            shard.ids = [rows[ID][i] for i in good]
+        columns = {name: values[good] for name, values in rows.items() if name not in (IDS, PROBLEM, ID)}
+        tokens = int(sum(len(rows[IDS][i]) for i in good))
+        out.write_shard(shard.index, _arrow(shard.numbers, shard.ids, columns), rows=shard.rows, bad=shard.bad,
+                        tokens=tokens)
+        self.meter.add(shard.rows, tokens)
+
+    def close(self) -> None:
+        import ray
+
+        if self.started_here:
+            ray.shutdown()
+
+
+def _split(pending: dict[str, list], rows: int) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    joined = {k: np.concatenate(v) for k, v in pending.items()}
+    return {k: v[:rows] for k, v in joined.items()}, {k: [v[rows:]] for k, v in joined.items()}
+
+
+class _Keep:
+    """A Model class that passes Tokenize's columns through beside its own (the driver needs the
+    problems and the token counts)."""
+
+    def __new__(cls, model: type) -> type:
+        class Kept(model):
+            def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return {**batch, **super().__call__(batch)}
+
+        Kept.__name__ = Kept.__qualname__ = "TrtforgeModel"
+        return Kept
