@@ -171,7 +171,20 @@ class RayPipeline:
     """The Ray Data form of run.py's _Pipeline: same `run` contract, same output."""
 
     def __init__(self, address: str, artifact: Path, gpus: bool, text: dict, options: Any, meter: Any) -> None:
-        import ray
+        from trtforge.errors import ArtifactError, EnvironmentProblem
+        from trtforge.manifest import read_manifest, verify_files
+
+        try:
+            import ray
+        except ImportError:
+            raise EnvironmentProblem("--ray needs Ray Data, which is not installed: pip install 'trtforge[ray]'") from None
+        # Every file of the artifact, before a cluster is touched: the actors (and Ray's restarts of
+        # them) then load what was verified here, and each loader checks its own files again.
+        problems = verify_files(artifact, read_manifest(artifact))
+        if problems:
+            raise ArtifactError(f"{artifact} does not match its manifest ({problems[0]}"
+                                f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it with "
+                                "trtforge build, or run trtforge inspect to see every problem")
 
         self.artifact, self.text, self.options, self.meter = artifact, text, options, meter
         self.started_here = not ray.is_initialized()
