@@ -42,7 +42,8 @@ MAX_CUDA_GRAPHS = 16
 # Captured graphs save launch overhead, which matters for small chunks; a capture costs 0.1-1 s of its
 # own, mid-stream where a run meets a new shape. TRTFORGE_CUDA_GRAPH_MAX_TOKENS=N captures only chunks
 # of at most N padded tokens (0: none); unset, every shape is captured (up to MAX_CUDA_GRAPHS).
-_GRAPH_MAX_TOKENS = os.environ.get("TRTFORGE_CUDA_GRAPH_MAX_TOKENS")
+_GRAPH_MAX_TOKENS = (None if os.environ.get("TRTFORGE_CUDA_GRAPH_MAX_TOKENS") is None
+                     else int(os.environ["TRTFORGE_CUDA_GRAPH_MAX_TOKENS"]))
 PACKED_FILE = "model.packed.onnx"
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 
@@ -309,7 +310,7 @@ class OnnxruntimeEngine(Engine):
             return False
         if key in self.graphs:
             return True
-        if _GRAPH_MAX_TOKENS is not None and math.prod(key[0]) > int(_GRAPH_MAX_TOKENS):
+        if _GRAPH_MAX_TOKENS is not None and math.prod(key[0]) > _GRAPH_MAX_TOKENS:
             return False
         return len(self.graphs) < MAX_CUDA_GRAPHS
 

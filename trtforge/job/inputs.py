@@ -113,15 +113,7 @@ class Source:
         return text, problem
 
     def _one_text(self, value: Any, column: str) -> tuple[str | None, str | None]:
-        if isinstance(value, _Unreadable):
-            return None, str(value)
-        if value is None:
-            return None, f"{column} is null"
-        if not isinstance(value, str):
-            return None, f"{column} is not a string ({type(value).__name__})"
-        if not value.strip():
-            return None, f"{column} is empty"
-        return value[:self.max_chars], None
+        return checked_text(value, column, self.max_chars)
 
     # --- checks before any work --------------------------------------------------------------------
     def _check(self, file: Path, kind: str) -> None:
@@ -301,6 +293,19 @@ def _read_parquet(source: Source, file: Path, index: int, skip: int) -> Iterator
             else:
                 yield Row(value, _id_text(id_) if source.id_column else None, index, number, pair)
             number += 1
+
+
+def checked_text(value: Any, column: str, max_chars: int) -> tuple[str | None, str | None]:
+    """(the text cut at max_chars, None) or (None, what is wrong with the value of `column`)."""
+    if isinstance(value, _Unreadable):
+        return None, str(value)
+    if value is None:
+        return None, f"{column} is null"
+    if not isinstance(value, str):
+        return None, f"{column} is not a string ({type(value).__name__})"
+    if not value.strip():
+        return None, f"{column} is empty"
+    return value[:max_chars], None
 
 
 class _Unreadable(str):

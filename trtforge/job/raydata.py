@@ -25,11 +25,13 @@ node keeps the shards _run.json lists and recomputes (but does not rewrite) the 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from trtforge.job.inputs import InputError, Source
+from trtforge.job.inputs import InputError, Source, checked_text
+from trtforge.job.run import CHARS_PER_TOKEN
 
 IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
@@ -38,16 +40,12 @@ ACTOR_CPUS = 0.5  # the CPU share Ray reserves for each tokenizing (and CPU infe
 
 
 def _checked(value: Any, column: str, max_chars: int) -> tuple[str | None, str]:
-    """(the text cut at max_chars, "") or (None, what is wrong): the single-host run's checks."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None, f"{column} is null"
-    if isinstance(value, bytes):
-        return None, f"{column} is not a string (bytes)"
-    if not isinstance(value, str):
-        return None, f"{column} is not a string ({type(value).__name__})"
-    if not value.strip():
-        return None, f"{column} is empty"
-    return value[:max_chars], ""
+    """The single-host run's checks (inputs.checked_text), with "" for no problem; NaN, as Ray's
+    readers may give a missing value, is a null."""
+    if isinstance(value, float) and np.isnan(value):
+        value = None
+    text, problem = checked_text(value, column, max_chars)
+    return text, problem or ""
 
 
 def _artifact_text(artifact: str) -> tuple[dict, dict]:
@@ -67,7 +65,7 @@ class Tokenize:
 
         _, text = _artifact_text(artifact)  # the tokenizer's files are verified before they are read
         self.column, self.pair_column, self.prefix, self.id_column = column, pair_column, prefix, id_column
-        self.max_chars = 16 * text["max_length"]
+        self.max_chars = CHARS_PER_TOKEN * text["max_length"]
         self.tokenizer = FastTokenizer(Path(artifact) / text["tokenizer"], text["max_length"], threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,7 +144,7 @@ class Model:
             self.tokenizer = FastTokenizer(Path(self.runtime.artifact) / self.text["tokenizer"], self.text["max_length"])
         texts = []
         for i, value in enumerate(batch[self.column]):
-            text, problem = _checked(value, self.column, 16 * self.text["max_length"])
+            text, problem = _checked(value, self.column, CHARS_PER_TOKEN * self.text["max_length"])
             if problem:
                 raise ValueError(f"row {i} of a batch: {problem}")
             texts.append(self.prefix + text if not self.pair_column else (self.prefix + text, str(batch[self.pair_column][i])))
@@ -170,7 +168,7 @@ def _spread(values: np.ndarray, good: list[int], n: int) -> np.ndarray:
 class RayPipeline:
     """The Ray Data form of run.py's _Pipeline: same `run` contract, same output."""
 
-    def __init__(self, address: str, artifact: Path, gpus: bool, text: dict, options: Any, meter: Any) -> None:
+    def __init__(self, address: str, artifact: Path, text: dict, options: Any, meter: Any) -> None:
         from trtforge.errors import ArtifactError, EnvironmentProblem
         from trtforge.manifest import read_manifest, verify_files
 
@@ -199,7 +197,7 @@ class RayPipeline:
         cpus = int(resources.get("CPU", 1))
         self.infer_actors = self.gpus or options.cpu_workers
         self.tokenize_actors = max(1, cpus - 1) if self.gpus else 1
-        self.tokenizers = type("Plan", (), {"processes": self.tokenize_actors, "threads": 1})()
+        self.tokenizers = SimpleNamespace(processes=self.tokenize_actors, threads=1)  # as run.py's summary reads it
         meter.line(f"  Ray at {address}: {self.infer_actors} inference actor(s) on "
                    f"{'GPUs' if self.gpus else 'CPUs'}, {self.tokenize_actors} tokenizing actor(s)")
 
@@ -236,8 +234,6 @@ class RayPipeline:
 
     def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: Any, kind: str,
             width: int, text: dict) -> None:
-        from trtforge.job.run import Shard
-
         skip = start * shard_rows  # rows already written: computed again, not written again
         number, index = 0, start
         pending: dict[str, list] = {}
@@ -252,17 +248,19 @@ class RayPipeline:
                 number += cut
             while len(pending) and sum(len(v) for v in pending[PROBLEM]) >= shard_rows:
                 rows, pending = _split(pending, shard_rows)
-                self._write(out, Shard(index, 0, [], [], None, []), rows, number, policy, kind, width, text, source)
+                self._write(out, index, rows, number, policy, source)
                 number += shard_rows
                 index += 1
         if pending and sum(len(v) for v in pending[PROBLEM]):
             rows, _ = _split(pending, sum(len(v) for v in pending[PROBLEM]))
-            self._write(out, Shard(index, 0, [], [], None, []), rows, number, policy, kind, width, text, source)
+            self._write(out, index, rows, number, policy, source)
 
-    def _write(self, out: Any, shard: Any, rows: dict[str, np.ndarray], first: int, policy: str, kind: str,
-               width: int, text: dict, source: Source) -> None:
-        from trtforge.job.run import _arrow
+    def _write(self, out: Any, index: int, rows: dict[str, np.ndarray], first: int, policy: str,
+               source: Source) -> None:
+        """Shard `index`: the rows from global row `first` on, under the bad-row policy."""
+        from trtforge.job.run import Shard, _arrow
 
+        shard = Shard(index, 0, [], [], None, [])
         problems = rows[PROBLEM]
         good = [i for i, p in enumerate(problems) if not p]
         shard.rows = len(problems)

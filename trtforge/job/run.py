@@ -119,7 +119,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
         if options.ray:
             from trtforge.job.raydata import RayPipeline
 
-            job: Any = RayPipeline(options.ray, artifact, gpus, text, options, meter)
+            job: Any = RayPipeline(options.ray, artifact, text, options, meter)
         else:
             job = _Pipeline(artifact, devices, gpus, text, options, meter)
         startup_s = time.perf_counter() - started
