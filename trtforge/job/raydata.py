@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from trtforge.job.inputs import InputError, Source, checked_text
-from trtforge.job.run import CHARS_PER_TOKEN
+from trtforge.job import tables
 
 IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
@@ -65,7 +65,7 @@ class Tokenize:
 
         _, text = _artifact_text(artifact)  # the tokenizer's files are verified before they are read
         self.column, self.pair_column, self.prefix, self.id_column = column, pair_column, prefix, id_column
-        self.max_chars = CHARS_PER_TOKEN * text["max_length"]
+        self.max_chars = tables.CHARS_PER_TOKEN * text["max_length"]
         self.tokenizer = FastTokenizer(Path(artifact) / text["tokenizer"], text["max_length"], threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,13 +107,12 @@ class Model:
                  prompt: str | None = None, cpu_workers: int = 1) -> None:
         import torch
 
-        from trtforge.job.run import _kind, _width
         from trtforge.runtime import Runtime
         from trtforge.tokens import prompt_text
 
         manifest, self.text = _artifact_text(artifact)
-        self.kind = _kind(Path(artifact), self.text, manifest["model"]["task"], pair_column)
-        self.width = _width(manifest, self.text, self.kind)
+        self.kind = tables.kind(Path(artifact), self.text, manifest["model"]["task"], pair_column)
+        self.width = tables.width(manifest, self.text, self.kind)
         self.column, self.pair_column = column, pair_column
         self.prefix = prompt_text(self.text, prompt)
         gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0  # Ray shows an actor its own GPU
@@ -121,7 +120,6 @@ class Model:
         self.tokenizer = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from trtforge.job.run import _columns
         from trtforge.runtime.tokenize import Tokens
 
         if IDS in batch:
@@ -133,7 +131,7 @@ class Model:
             good = list(range(len(batch[self.column])))
             tokens = self._tokenize(batch)
         outputs = self.runtime.submit_tokens(tokens).result() if good else None
-        columns = _columns(outputs, len(good), self.kind, self.width, self.text)
+        columns = tables.columns(outputs, len(good), self.kind, self.width, self.text)
         return {name: _spread(np.asarray(values), good, len(batch[PROBLEM if IDS in batch else self.column]))
                 for name, values in columns.items()}
 
@@ -144,7 +142,7 @@ class Model:
             self.tokenizer = FastTokenizer(Path(self.runtime.artifact) / self.text["tokenizer"], self.text["max_length"])
         texts = []
         for i, value in enumerate(batch[self.column]):
-            text, problem = _checked(value, self.column, CHARS_PER_TOKEN * self.text["max_length"])
+            text, problem = _checked(value, self.column, tables.CHARS_PER_TOKEN * self.text["max_length"])
             if problem:
                 raise ValueError(f"row {i} of a batch: {problem}")
             texts.append(self.prefix + text if not self.pair_column else (self.prefix + text, str(batch[self.pair_column][i])))
@@ -258,9 +256,8 @@ class RayPipeline:
     def _write(self, out: Any, index: int, rows: dict[str, np.ndarray], first: int, policy: str,
                source: Source) -> None:
         """Shard `index`: the rows from global row `first` on, under the bad-row policy."""
-        from trtforge.job.run import Shard, _arrow
 
-        shard = Shard(index, 0, [], [], None, [])
+        shard = tables.Shard(index, 0, [], [], None, [])
         problems = rows[PROBLEM]
         good = [i for i, p in enumerate(problems) if not p]
         shard.rows = len(problems)
@@ -276,7 +273,7 @@ class RayPipeline:
             shard.ids = [rows[ID][i] for i in good]
         columns = {name: values[good] for name, values in rows.items() if name not in (IDS, PROBLEM, ID)}
         tokens = int(sum(len(rows[IDS][i]) for i in good))
-        out.write_shard(shard.index, _arrow(shard.numbers, shard.ids, columns), rows=shard.rows, bad=shard.bad,
+        out.write_shard(shard.index, tables.arrow(shard.numbers, shard.ids, columns), rows=shard.rows, bad=shard.bad,
                         tokens=tokens)
         self.meter.add(shard.rows, tokens)
 

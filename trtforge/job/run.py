@@ -25,20 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import numpy as np
-
 from trtforge import __version__
-from trtforge.errors import ArtifactError, TrtforgeError
+from trtforge.errors import TrtforgeError
 from trtforge.job.inputs import InputError, Source
 from trtforge.job.output import SCHEMA, RunDir, fingerprint
+from trtforge.job import tables
 from trtforge.job.tokenizing import TokenizerPool, plan
-from trtforge.tokens import activate, embedding_width, prompt_text
+from trtforge.tokens import prompt_text
 
 SHARD_ROWS_GPU, SHARD_ROWS_CPU = 16384, 1024
 TOKENIZE_AHEAD = 2  # shards queued per tokenizing process
 INFER_AHEAD = 2  # shards submitted to the runtime at once
 WRITE_AHEAD = 2  # shards waiting for the writer
-CHARS_PER_TOKEN = 16  # texts are cut at max_length x this many characters, far past what the tokenizer keeps
+
 
 
 class Interrupted(TrtforgeError):
@@ -64,15 +63,6 @@ class Options:
     command: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Shard:
-    index: int
-    rows: int  # input rows it covers (bad ones included)
-    numbers: list[int]  # the global row number of each good row
-    texts: list[str]
-    ids: list[str | None] | None
-    bad: list[dict[str, Any]]
-
 
 def run_job(artifact: Path, input_path: Path, out: Path, options: Options, stream: TextIO | None = None) -> dict:
     """Run the job; its summary (also in OUT/_run.json). Raises TrtforgeError (one line, an exit code)."""
@@ -85,7 +75,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     manifest = read_manifest(artifact)
     text = verified_text_config(artifact, manifest)
     task = manifest["model"]["task"]
-    kind = _kind(artifact, text, task, options.pair_column)
+    kind = tables.kind(artifact, text, task, options.pair_column)
     if options.format == "npy" and kind != "embeddings":
         raise InputError(f"--format npy writes embeddings, and {artifact} is a {task} model (labels); "
                          "use --format parquet")
@@ -95,7 +85,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     except ValueError as e:
         raise InputError(f"--prompt: {e}; name one of them, or leave --prompt out") from None
     source = Source.open(input_path, column=options.column, id_column=options.id_column,
-                         pair_column=options.pair_column, max_chars=CHARS_PER_TOKEN * text["max_length"])
+                         pair_column=options.pair_column, max_chars=tables.CHARS_PER_TOKEN * text["max_length"])
     devices, gpus = _devices(options)
     shard_rows = options.shard_rows or (SHARD_ROWS_GPU if gpus else SHARD_ROWS_CPU)
     identity = {"artifact": {"path": str(artifact.resolve()), "manifest_sha256": sha256_file(artifact / "manifest.json"),
@@ -106,7 +96,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
                             "prompt": prefix}}
     header = {"schema": SCHEMA, "trtforge": __version__, "command": options.command, **identity,
               "fingerprint": fingerprint(identity)}
-    width = _width(manifest, text, kind)
+    width = tables.width(manifest, text, kind)
     made = not os.path.lexists(out)
     run = RunDir.open(out, header, meter.line)
     if run.record.get("complete"):
@@ -159,38 +149,6 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     return summary
 
 
-def _kind(artifact: Path, text: dict | None, task: str, pair_column: str | None) -> str:
-    from trtforge.tokens import LABEL_TASKS
-
-    if text is None:
-        raise ArtifactError(f"{artifact} carries no tokenizer (no text.json), so trtforge run cannot read text "
-                            "with it; build it from a model folder that has its tokenizer")
-    if text.get("cross_encoder"):
-        if not pair_column:
-            raise InputError(f"{artifact} is a cross-encoder: it scores pairs of texts; name the column of each "
-                             "pair's second text with --pair-column")
-        return "scores"
-    if pair_column:
-        raise InputError(f"--pair-column: {artifact} is not a cross-encoder (it reads one text a row); drop --pair-column")
-    if text.get("pooling"):
-        return "embeddings"
-    if task in LABEL_TASKS:
-        return "labels"
-    raise ArtifactError(f"{artifact} is a {task} model without pooling: trtforge run writes embeddings (models "
-                        "with sentence-transformers pooling), labels (sequence classifiers) and scores "
-                        "(cross-encoders) only; per-token outputs are not written yet (use trtforge.runtime.Runtime.encode)")
-
-
-def _width(manifest: dict, text: dict, kind: str) -> int:
-    """The length of each row's vector: the embedding's (after Dense layers and truncate_dim), or
-    the number of labels."""
-    output = manifest["io"]["outputs"][0]
-    last = output["shape"][-1]
-    if not isinstance(last, int):
-        raise ArtifactError(f"the artifact's output {output['name']} has no fixed last axis ({last!r})")
-    return embedding_width(text["pooling"], last) if kind == "embeddings" else last
-
-
 def _devices(options: Options) -> tuple[Any, bool]:
     if options.ray:  # the cluster's devices, which its actors see (GPUs unless --devices cpu)
         return f"ray:{options.ray}", options.devices != "cpu"
@@ -205,12 +163,12 @@ def _devices(options: Options) -> tuple[Any, bool]:
     return list(options.devices), True
 
 
-def _shards(source: Source, shard_rows: int, start: int, policy: str, prefix: str = "") -> Iterator[Shard]:
+def _shards(source: Source, shard_rows: int, start: int, policy: str, prefix: str = "") -> Iterator[tables.Shard]:
     """The input in shards of `shard_rows` rows, from shard `start` on, each text after `prefix`
     (the model's prompt); bad rows raise (fail) or are recorded in their shard (skip)."""
     number = start * shard_rows
     index = start
-    shard = Shard(index, 0, [], [], [] if source.id_column else None, [])
+    shard = tables.Shard(index, 0, [], [], [] if source.id_column else None, [])
     for row in source.rows(skip=number):
         text, problem = source.text_of(row)
         if problem is not None:
@@ -230,7 +188,7 @@ def _shards(source: Source, shard_rows: int, start: int, policy: str, prefix: st
         if shard.rows == shard_rows:
             yield shard
             index += 1
-            shard = Shard(index, 0, [], [], [] if source.id_column else None, [])
+            shard = tables.Shard(index, 0, [], [], [] if source.id_column else None, [])
     if shard.rows:
         yield shard
 
@@ -258,17 +216,17 @@ class _Pipeline:
             width: int, text: dict) -> None:
         """The input from shard `start` on, through the stages, into `out`."""
         shards = _shards(source, shard_rows, start, policy, prefix)
-        tokenizing: collections.deque[tuple[Shard, Future | None]] = collections.deque()
-        inferring: collections.deque[tuple[Shard, int, Future | None]] = collections.deque()
+        tokenizing: collections.deque[tuple[tables.Shard, Future | None]] = collections.deque()
+        inferring: collections.deque[tuple[tables.Shard, int, Future | None]] = collections.deque()
         writing: collections.deque[Future] = collections.deque()
         ahead = TOKENIZE_AHEAD * self.tokenizers.processes
 
-        def infer(shard: Shard, tokens: Future | None) -> None:
+        def infer(shard: tables.Shard, tokens: Future | None) -> None:
             ids = tokens.result() if tokens is not None else None
             count = int(ids.lengths.sum()) if ids is not None else 0
             inferring.append((shard, count, self.runtime.submit_tokens(ids) if ids is not None else None))
 
-        def write(shard: Shard, count: int, result: Future | None) -> None:
+        def write(shard: tables.Shard, count: int, result: Future | None) -> None:
             outputs = result.result() if result is not None else None  # the runtime bounds every wait
             writing.append(self.writer.submit(self._write, out, shard, outputs, count, kind, width, text))
 
@@ -285,9 +243,9 @@ class _Pipeline:
             settle(ahead, INFER_AHEAD, WRITE_AHEAD)
         settle(0, 0, 0)
 
-    def _write(self, out: RunDir, shard: Shard, outputs: dict | None, tokens: int, kind: str, width: int,
+    def _write(self, out: RunDir, shard: tables.Shard, outputs: dict | None, tokens: int, kind: str, width: int,
                text: dict) -> None:
-        out.write_shard(shard.index, _table(shard, outputs, kind, width, text), rows=shard.rows, bad=shard.bad,
+        out.write_shard(shard.index, tables.table(shard, outputs, kind, width, text), rows=shard.rows, bad=shard.bad,
                         tokens=tokens)
         self.meter.add(shard.rows, tokens)
 
@@ -299,56 +257,6 @@ class _Pipeline:
 
 def _ready(future: Future | None) -> bool:
     return future is None or future.done()
-
-
-def _table(shard: Shard, outputs: dict | None, kind: str, width: int, text: dict) -> Any:
-    """A shard's results as an Arrow table: row, id (where asked), then the task's columns."""
-    return _arrow(shard.numbers, shard.ids, _columns(outputs, len(shard.numbers), kind, width, text))
-
-
-def _columns(outputs: dict | None, n: int, kind: str, width: int, text: dict) -> dict[str, np.ndarray]:
-    """The task's columns from the runtime's outputs for n rows: `embedding`; or `score` (the
-    cross-encoder's activation on its logits, as CrossEncoder.predict gives them); or `label` (the
-    config's name), `label_id`, `score` and `logits`."""
-    empty = np.zeros((0, width), np.float32)
-    if kind == "embeddings":
-        return {"embedding": np.asarray(outputs["embedding"] if outputs else empty, dtype=np.float32)}
-    if kind == "scores":
-        activation = (text.get("cross_encoder") or {}).get("activation", "identity")
-        scores = activate(activation, np.asarray(outputs["logits"] if outputs else empty, dtype=np.float32))
-        return {"score": scores[:, 0] if width == 1 else scores}
-    labels = text.get("labels")
-    label = outputs["label"].astype(np.int64) if outputs else np.zeros(0, np.int64)
-    names = [labels[i] for i in label.tolist()] if labels else label.astype(str).tolist()
-    columns = {"label": np.array(names, dtype=object).reshape(n), "label_id": label,
-               "score": np.asarray(outputs["score"] if outputs else np.zeros(0), dtype=np.float32),
-               "logits": np.asarray(outputs["logits"] if outputs else empty, dtype=np.float32)}
-    return columns
-
-
-def _arrow(numbers: list[int], ids: list[str | None] | None, columns: dict[str, np.ndarray]) -> Any:
-    import pyarrow as pa
-
-    table: dict[str, Any] = {"row": pa.array(np.asarray(numbers, dtype=np.int64))}
-    if ids is not None:
-        table["id"] = pa.array(ids, pa.string())
-    for name, values in columns.items():
-        if values.dtype == object:
-            table[name] = pa.array(values.tolist(), pa.string())
-        elif values.ndim == 2:
-            table[name] = _vectors(values, values.shape[1])
-        else:
-            table[name] = pa.array(values)
-    result = pa.table(table)
-    assert result.num_rows == len(numbers), (result.num_rows, len(numbers))
-    return result
-
-
-def _vectors(values: np.ndarray, width: int) -> Any:
-    import pyarrow as pa
-
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
 
 
 class Meter:
