@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -131,3 +132,34 @@ def test_the_culprit_search_works_when_the_fp16_graph_lacks_an_intermediate(tmp_
     feed = {"x": np.full((2, 16), 3.0, np.float32)}
     culprits, reason = find_culprits(fp32, fp16, feed, kept=[])
     assert culprits and reason  # found from the tensors both graphs still compute
+
+
+def test_duplicate_casts_from_older_onnxruntime_are_dropped(tmp_path):
+    """onnxruntime 1.31 (the CUDA wheel on the device) casts a tensor once per FP32-kept reader, all
+    under one name: the graph failed to load (Qwen2's rotary embedding feeds Cos and Sin). The graph
+    that converter makes is rebuilt here as it makes it; after the fix it loads and computes the same."""
+    from trtforge.stages.fp16 import _drop_duplicate_casts
+
+    def cast():
+        return helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=TensorProto.FLOAT, name="h_cast_to_fp32_node")
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="in"),
+         helper.make_node("Add", ["x16", "x16"], ["h"], name="add"),
+         cast(), helper.make_node("Cos", ["h_cast_to_fp32"], ["c"], name="cos"),
+         cast(), helper.make_node("Sin", ["h_cast_to_fp32"], ["s"], name="sin"),
+         helper.make_node("Add", ["c", "s"], ["y"], name="out")],
+        "dup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(Exception, match="same node name"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    _drop_duplicate_casts(model)
+    assert [n.name for n in model.graph.node].count("h_cast_to_fp32_node") == 1
+    onnx.save(model, str(path))
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, np.cos(2 * x) + np.sin(2 * x), atol=2e-3)

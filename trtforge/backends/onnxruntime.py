@@ -40,10 +40,21 @@ from trtforge.devices import GpuInfo, distinct_models
 # engine serves new shapes from its dynamic session rather than grow without bound.
 MAX_CUDA_GRAPHS = 16
 # Captured graphs save launch overhead, which matters for small chunks; a capture costs 0.1-1 s of its
-# own, mid-stream where a run meets a new shape. TRTFORGE_CUDA_GRAPH_MAX_TOKENS=N captures only chunks
-# of at most N padded tokens (0: none); unset, every shape is captured (up to MAX_CUDA_GRAPHS).
-_GRAPH_MAX_TOKENS = (None if os.environ.get("TRTFORGE_CUDA_GRAPH_MAX_TOKENS") is None
-                     else int(os.environ["TRTFORGE_CUDA_GRAPH_MAX_TOKENS"]))
+# own, mid-stream where a run meets a new shape. Only chunks of at most this many padded tokens are
+# captured: measured on an H100 through `trtforge run` (results/2026-12-06-h100-graph-limit), 2048 was
+# the best or near-best rule for MiniLM and BERT-base on short text and passages; capturing every shape
+# made BERT-base 3.4x slower. TRTFORGE_CUDA_GRAPH_MAX_TOKENS=N overrides it (0: no graphs, all: every shape).
+def _graph_max_tokens(value: str | None) -> int | None:
+    if value is None:
+        return 2048
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"TRTFORGE_CUDA_GRAPH_MAX_TOKENS={value!r}: give a number of tokens, 0 or 'all'")
+    return int(value)
+
+
+_GRAPH_MAX_TOKENS = _graph_max_tokens(os.environ.get("TRTFORGE_CUDA_GRAPH_MAX_TOKENS"))
 PACKED_FILE = "model.packed.onnx"
 OPTIMIZER_MODEL_TYPE = {"gpt2": "gpt2", "vit": "vit", "bart": "bart", "t5": "t5", "clip": "clip", "swin": "swin"}
 

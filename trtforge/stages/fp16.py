@@ -69,6 +69,7 @@ def convert(fp32: Path, out: Path, *, keep_ops: tuple[str, ...], keep_nodes: lis
         raise FP16Error(f"FP16 conversion of {fp32.name} failed: {e}; "
                         "set [fp16] enabled = false to skip it, or keep the failing ops in keep_fp32_ops") from e
     clamp_constants(fp16)
+    _drop_duplicate_casts(fp16)
     _fold_round_trip_casts(fp16)
     large = weight_bytes(fp16) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(fp16, str(out), save_as_external_data=large, location=out.name + ".data" if large else None)
@@ -108,6 +109,24 @@ def clamp_constants(model: Any) -> None:
         for attr in node.attribute:
             if attr.HasField("t"):
                 clamp(attr.t)
+
+
+def _drop_duplicate_casts(model: Any) -> None:
+    """onnxruntime before 1.32 gives a tensor read by several nodes kept in FP32 one Cast per reader,
+    all with the same node name and output name: an invalid graph ("two nodes with same node name";
+    a Qwen2 rotary embedding feeds Cos and Sin so). They compute the same tensor: keep the first."""
+    seen: set[tuple[str, ...]] = set()
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            key = (node.name, *node.input, *node.output)
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(node)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def _fold_round_trip_casts(model: Any) -> None:
