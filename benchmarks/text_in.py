@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--st-rows", type=int, default=50_000)
     parser.add_argument("--only", choices=["minilm", "bert-base-classifier"], default=None)
     parser.add_argument("--no-st", action="store_true", help="leave out sentence-transformers' speed (parity stays)")
+    parser.add_argument("--run-only", action="store_true", help="time `trtforge run` alone (parity stays)")
+    parser.add_argument("--run-args", default="", help="more options for `trtforge run`, e.g. '--tokenizer-processes 7'")
     args = parser.parse_args()
     out, engines = Path(args.out), Path(args.engines)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,9 +78,10 @@ def main() -> None:
     for name, artifact in artifacts.items():
         for kind, (texts, path, about) in data.items():
             row = {"artifact": name, "workload": kind, "rows": len(texts), "corpus_sha256": about["sha256"]}
-            row["run"] = trtforge_run(artifact, path, engines / f"out-{name}-{kind}")
-            row.update(runtime_paths(artifact, texts))
-            if name == "minilm" and not args.no_st:
+            row["run"] = trtforge_run(artifact, path, engines / f"out-{name}-{kind}", args.run_args.split())
+            if not args.run_only:
+                row.update(runtime_paths(artifact, texts))
+            if name == "minilm" and not args.no_st and not args.run_only:
                 row["sentence_transformers_fp16"] = sentence_transformers_speed(minilm_dir, texts[:args.st_rows])
             if name == "minilm":
                 row["parity"] = embedding_parity(minilm_dir, engines / f"out-{name}-{kind}", texts[:5000])
@@ -155,19 +158,20 @@ def artifacts_dir(artifact: Path) -> Path:
     return Path(json.loads((artifact / "manifest.json").read_text())["model"]["source"])
 
 
-def trtforge_run(artifact: Path, path: Path, out: Path) -> dict:
+def trtforge_run(artifact: Path, path: Path, out: Path, extra: list[str]) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "trtforge", "run", str(artifact), str(path), "--out", str(out), "-v"],
+    result = subprocess.run([sys.executable, "-m", "trtforge", "run", str(artifact), str(path), "--out", str(out), "-v",
+                             *extra],
                             capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"trtforge run failed:\n{result.stderr[-3000:]}")
     summary = json.loads((out / "_run.json").read_text())["summary"]
     return {**{k: summary[k] for k in ("rows_per_s", "tokens_per_s", "startup_s", "streaming_s", "seconds", "tokens",
-                                       "tokenizers")},
+                                       "tokenizers", "stages_s")},
             "wall_s": round(wall, 2), "log": result.stderr.strip().splitlines()[-4:]}
 
 
@@ -254,6 +258,8 @@ def label_parity(model_dir: Path, out: Path, texts: list[str]) -> dict:
 
 def ratios(row: dict) -> dict:
     run = row["run"]["rows_per_s"]
+    if "pre_tokenized" not in row:  # --run-only
+        return {}
     found = {"run_over_pre_tokenized": round(run / row["pre_tokenized"]["rows_per_s"], 3),
              "encode_over_pre_tokenized": round(row["encode"]["rows_per_s"] / row["pre_tokenized"]["rows_per_s"], 3)}
     if "sentence_transformers_fp16" in row:
@@ -280,14 +286,21 @@ def markdown(report: dict) -> str:
              "| sentence-transformers FP16 rows/s | run / pre-tokenized | run / ST | parity |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
+        r = {"pre_tokenized": {"rows_per_s": float("nan")}, "encode": {"rows_per_s": float("nan")}, **r}
         st = r.get("sentence_transformers_fp16", {}).get("rows_per_s", "")
         parity = (f"min cosine {r['parity']['min_cosine']:.6f}" if "min_cosine" in r["parity"]
                   else f"argmax agreement {r['parity']['argmax_agreement']:.4f}")
         lines.append(f"| {r['artifact']} | {r['workload']} | {r['rows']:,} | {r['run']['rows_per_s']:,.0f} | "
                      f"{r['run']['tokens_per_s']:,.0f} | {r['pre_tokenized']['rows_per_s']:,.0f} | "
                      f"{r['encode']['rows_per_s']:,.0f} | {st if st == '' else f'{st:,.0f}'} | "
-                     f"{r['ratios']['run_over_pre_tokenized']} | {r['ratios'].get('run_over_sentence_transformers_fp16', '')} | "
+                     f"{r['ratios'].get('run_over_pre_tokenized', '')} | {r['ratios'].get('run_over_sentence_transformers_fp16', '')} | "
                      f"{parity} |")
+    lines += ["", "Where `trtforge run`'s streaming time went (its main thread's reading and waits on each stage, "
+              "the writer thread's busy time; seconds):", ""]
+    for r in report["results"]:
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["run"].get("stages_s", {}).items())
+        lines.append(f"- {r['artifact']} {r['workload']}: streaming {r['run']['streaming_s']:.2f} s; {stages}; "
+                     f"tokenizers {r['run']['tokenizers']}")
     return "\n".join(lines) + "\n"
 
 

@@ -174,6 +174,10 @@ def test_run_writes_minilm_embeddings_equal_to_pytorch_in_input_order_across_wor
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["complete"] and [s["rows"] for s in record["shards"]] == [20, 20, 8]
     assert record["summary"]["devices"] == 2 and record["summary"]["rows"] == len(rows)
+    stages = record["summary"]["stages_s"]  # where the streaming time went; it cannot exceed it
+    assert set(stages) == {"read", "wait_tokenize", "wait_infer", "wait_write", "writer_busy"}
+    assert stages["wait_infer"] > 0 and stages["writer_busy"] > 0
+    assert sum(v for k, v in stages.items() if k != "writer_busy") <= record["summary"]["streaming_s"] + 0.01
     assert "run  " in result.stderr and "rows/s" in result.stderr and "tokens/s" in result.stderr  # progress
     assert f"done {len(rows)} rows, {len(rows)} written, 0 bad" in result.stderr  # the summary
 

@@ -143,9 +143,13 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
                "rows_this_run": new_rows, "rows_per_s": round(new_rows / streaming, 1),
                "tokens_per_s": round(meter.tokens / streaming, 1),
                "devices": devices, "resumed_shards": done_shards,
-               "tokenizers": {"processes": job.tokenizers.processes, "threads": job.tokenizers.threads}}
+               "tokenizers": {"processes": job.tokenizers.processes, "threads": job.tokenizers.threads},
+               "stages_s": {k: round(v, 3) for k, v in getattr(job, "stages_s", {}).items()}}
     published = run.finish(summary, options.format == "npy")
     meter.finish(summary, out, published, bad)
+    if options.verbose and summary["stages_s"]:
+        meter.line("  time: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in summary["stages_s"].items()) +
+                   " (this thread's reading and waits on each stage; the writer thread's busy time)")
     return summary
 
 
@@ -208,6 +212,9 @@ class _Pipeline:
         self.tokenizers = TokenizerPool(artifact / text["tokenizer"], text["max_length"], processes=processes,
                                         threads=threads)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="trtforge-writer")
+        # Where the streaming time went: seconds this thread spent reading and waiting on each stage
+        # (a stage it waits on is the one holding the run back), and the writer thread's busy time.
+        self.stages_s = dict.fromkeys(("read", "wait_tokenize", "wait_infer", "wait_write", "writer_busy"), 0.0)
         if options.verbose:
             meter.line(f"  {len(self.runtime.devices)} engine worker(s) on {', '.join(self.runtime.devices)}; "
                        f"{processes} tokenizing process(es) x {threads} thread(s)")
@@ -222,12 +229,16 @@ class _Pipeline:
         ahead = TOKENIZE_AHEAD * self.tokenizers.processes
 
         def infer(shard: tables.Shard, tokens: Future | None) -> None:
+            began = time.perf_counter()
             ids = tokens.result() if tokens is not None else None
+            self.stages_s["wait_tokenize"] += time.perf_counter() - began
             count = int(ids.lengths.sum()) if ids is not None else 0
             inferring.append((shard, count, self.runtime.submit_tokens(ids) if ids is not None else None))
 
         def write(shard: tables.Shard, count: int, result: Future | None) -> None:
+            began = time.perf_counter()
             outputs = result.result() if result is not None else None  # the runtime bounds every wait
+            self.stages_s["wait_infer"] += time.perf_counter() - began
             writing.append(self.writer.submit(self._write, out, shard, outputs, count, kind, width, text))
 
         def settle(limit_t: int, limit_i: int, limit_w: int) -> None:
@@ -235,18 +246,27 @@ class _Pipeline:
                 infer(*tokenizing.popleft())
             while len(inferring) > limit_i or (inferring and _ready(inferring[0][2])):
                 write(*inferring.popleft())
+            began = time.perf_counter()
             while len(writing) > limit_w or (writing and writing[0].done()):
                 writing.popleft().result()
+            self.stages_s["wait_write"] += time.perf_counter() - began
 
-        for shard in shards:
+        while True:
+            began = time.perf_counter()
+            shard = next(shards, None)
+            self.stages_s["read"] += time.perf_counter() - began
+            if shard is None:
+                break
             tokenizing.append((shard, self.tokenizers.submit(shard.texts) if shard.texts else None))
             settle(ahead, INFER_AHEAD, WRITE_AHEAD)
         settle(0, 0, 0)
 
     def _write(self, out: RunDir, shard: tables.Shard, outputs: dict | None, tokens: int, kind: str, width: int,
                text: dict) -> None:
+        began = time.perf_counter()
         out.write_shard(shard.index, tables.table(shard, outputs, kind, width, text), rows=shard.rows, bad=shard.bad,
                         tokens=tokens)
+        self.stages_s["writer_busy"] += time.perf_counter() - began
         self.meter.add(shard.rows, tokens)
 
     def close(self) -> None:
