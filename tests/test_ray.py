@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_run import minilm, table, texts, trtforge, vectors  # noqa: F401 (minilm is a fixture)
+from tests.test_run import minilm, table, texts, tiny_classifier, trtforge, vectors  # noqa: F401 (fixtures)
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install 'trtforge[ray]'")
 RAY = ["--ray", "local", "--ray-cpus", "2", "--devices", "cpu"]
@@ -57,3 +57,126 @@ def test_a_tampered_artifact_is_refused_by_the_ray_run_before_any_row(minilm, tm
     assert result.returncode != 0
     assert "sha256" in result.stderr or "does not match" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # nothing half-written left behind
+
+
+def test_a_classifier_through_ray_gives_the_single_host_labels(tiny_classifier, tmp_path):  # noqa: F811
+    rows = texts(900, seed=5)
+    source = parquet_input(tmp_path / "in.parquet", rows)
+    common = [str(tiny_classifier), str(source), "--shard-rows", "400", "-q"]
+    single = trtforge("run", *common, "--out", str(tmp_path / "single"), "--devices", "cpu", timeout=300)
+    assert single.returncode == 0, single.stderr
+    ray = trtforge("run", *common, "--out", str(tmp_path / "ray"), *RAY, "--cpu-workers", "2", timeout=400)
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    a, b = table(tmp_path / "single"), table(tmp_path / "ray")
+    assert b.column("row").to_pylist() == a.column("row").to_pylist() == list(range(900))
+    assert b.column("label").to_pylist() == a.column("label").to_pylist()
+    np.testing.assert_allclose(vectors(b.column("logits")), vectors(a.column("logits")), atol=1e-5)
+    np.testing.assert_allclose(b.column("score").to_numpy(), a.column("score").to_numpy(), atol=1e-6)
+
+
+def _written(out: Path) -> int:
+    try:
+        return len(json.loads((out / "_run.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _actors(driver: int, name: str) -> list[int]:
+    """The pids under `driver` (the run, which started the Ray instance) of its actors of class
+    `name` (Ray titles an actor's process ray::...NAME...), from /proc."""
+    parents, titles = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            pass
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == driver:
+                return True
+        return False
+
+    return [pid for pid, title in titles.items() if name in title and under(pid)]
+
+
+def test_an_inference_actor_killed_mid_job_is_restarted_and_every_row_is_written_once(tiny_classifier, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = texts(4000, seed=6)
+    source = parquet_input(tmp_path / "in.parquet", rows)
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "trtforge", "run", str(tiny_classifier), str(source), "--out", str(out),
+               "--shard-rows", "250", "-q", *RAY, "--cpu-workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and killed is None:
+            written = _written(out)
+            actors = _actors(process.pid, "TrtforgeModel")
+            if written >= 1 and actors:  # mid-job: some shards written, the actors at work
+                killed = actors[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        _, stderr = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert killed is not None, "the job ended before an actor could be killed mid-way; give it more rows"
+    assert process.returncode == 0, stderr[-3000:]
+    record = json.loads((out / "_run.json").read_text())
+    assert len(record["shards"]) == 16 and record["complete"]
+    got = table(out)
+    assert got.column("row").to_pylist() == list(range(4000))  # every row, once, in order
+    single = trtforge("run", str(tiny_classifier), str(source), "--out", str(tmp_path / "single"), "--devices", "cpu",
+                      "--shard-rows", "250", "-q", timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert got.column("label").to_pylist() == table(tmp_path / "single").column("label").to_pylist()
+
+
+def test_an_interrupted_ray_run_resumes_keeping_its_shards_to_the_single_host_output(minilm, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = parquet_input(tmp_path / "in.parquet", texts(2000, seed=7))
+    out = tmp_path / "ray"
+    args = [str(minilm), str(source), "--out", str(out), "--shard-rows", "200", *RAY]
+    process = subprocess.Popen([sys.executable, "-m", "trtforge", "run", *args], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and _written(out) < 1:
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the run and the Ray instance it started
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr[-3000:]
+    kept = json.loads((out / "_run.json").read_text())["shards"]
+    assert 1 <= len(kept) < 10
+    resumed = trtforge("run", *args, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {len(kept)} shard(s)" in resumed.stderr
+    record = json.loads((out / "_run.json").read_text())
+    assert record["shards"][:len(kept)] == kept  # the shards written before are kept, not rewritten
+    single = trtforge("run", str(minilm), str(source), "--out", str(tmp_path / "single"), "--devices", "cpu",
+                      "--shard-rows", "200", "-q", timeout=300)
+    assert single.returncode == 0, single.stderr
+    a, b = table(tmp_path / "single"), table(out)
+    assert b.column("row").to_pylist() == list(range(2000))
+    np.testing.assert_allclose(vectors(b.column("embedding")), vectors(a.column("embedding")), atol=1e-6)

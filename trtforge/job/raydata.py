@@ -36,7 +36,7 @@ from trtforge.job import tables
 IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
-ACTOR_CPUS = 0.5  # the CPU share Ray reserves for each tokenizing (and CPU inference) actor
+ACTOR_CPUS = 0.5  # the most CPU Ray reserves for each tokenizing (and CPU inference) actor
 
 
 def _checked(value: Any, column: str, max_chars: int) -> tuple[str | None, str]:
@@ -195,6 +195,10 @@ class RayPipeline:
         cpus = int(resources.get("CPU", 1))
         self.infer_actors = self.gpus or options.cpu_workers
         self.tokenize_actors = max(1, cpus - 1) if self.gpus else 1
+        # CPU shares, not whole CPUs, and together at most all CPUs but one: the read tasks need a
+        # whole one, and without it the job would wait for ever (2 CPUs and 3 actors in CI).
+        actors = self.tokenize_actors + (0 if self.gpus else self.infer_actors)
+        self.actor_cpus = min(ACTOR_CPUS, max(0.01, (cpus - 1) / actors))
         self.tokenizers = SimpleNamespace(processes=self.tokenize_actors, threads=1)  # as run.py's summary reads it
         meter.line(f"  Ray at {address}: {self.infer_actors} inference actor(s) on "
                    f"{'GPUs' if self.gpus else 'CPUs'}, {self.tokenize_actors} tokenizing actor(s)")
@@ -221,14 +225,12 @@ class RayPipeline:
         column = "text" if kind == "text" else o.column
         tokenize = dict(artifact=str(self.artifact), column=column, pair_column=o.pair_column, prefix=prefix,
                         id_column=o.id_column)
-        # CPU shares, not whole CPUs: whole ones for both actor pools would leave the read tasks none
-        # on a small cluster (2 CPUs in CI), and the job would wait for ever.
         ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, batch_size=BLOCK_ROWS,
-                            concurrency=self.tokenize_actors, num_cpus=ACTOR_CPUS)
+                            concurrency=self.tokenize_actors, num_cpus=self.actor_cpus)
         infer = dict(artifact=str(self.artifact), pair_column=o.pair_column, cpu_workers=1)
         return ds.map_batches(_Keep(Model), fn_constructor_kwargs=infer, batch_size=BLOCK_ROWS,
                               concurrency=self.infer_actors, num_gpus=1 if self.gpus else 0,
-                              num_cpus=0 if self.gpus else ACTOR_CPUS, max_restarts=-1, max_task_retries=-1)
+                              num_cpus=0 if self.gpus else self.actor_cpus, max_restarts=-1, max_task_retries=-1)
 
     def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: Any, kind: str,
             width: int, text: dict) -> None:
