@@ -180,3 +180,24 @@ def test_an_interrupted_ray_run_resumes_keeping_its_shards_to_the_single_host_ou
     a, b = table(tmp_path / "single"), table(out)
     assert b.column("row").to_pylist() == list(range(2000))
     np.testing.assert_allclose(vectors(b.column("embedding")), vectors(a.column("embedding")), atol=1e-6)
+
+
+def test_every_actor_refuses_a_tampered_artifact_in_its_constructor(minilm, tmp_path):  # noqa: F811
+    """Model (the inference actor, also users' map_batches class) and Tokenize load the artifact
+    through the checked loader: a changed engine or tokenizer is refused before any row, on every
+    actor and every restart, whoever built the pipeline (not only `trtforge run --ray`'s driver)."""
+    from trtforge.job.raydata import Model, Tokenize
+
+    engine_copy, tokenizer_copy = tmp_path / "engine", tmp_path / "tokenizer"
+    for copy in (engine_copy, tokenizer_copy):
+        shutil.copytree(minilm, copy)
+    engine = next(p for p in engine_copy.rglob("*.onnx") if p.is_file())
+    engine.write_bytes(engine.read_bytes()[:-8] + b"tampered")
+    vocab = next(tokenizer_copy.rglob("tokenizer.json"))
+    vocab.write_text(vocab.read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
+    with pytest.raises(Exception, match="sha256|does not match"):
+        Model(str(engine_copy))
+    with pytest.raises(Exception, match="sha256|does not match"):
+        Tokenize(str(tokenizer_copy))
+    with pytest.raises(Exception, match="sha256|does not match"):
+        Model(str(tokenizer_copy))

@@ -48,10 +48,27 @@ def _checked(value: Any, column: str, max_chars: int) -> tuple[str | None, str]:
     return text, problem or ""
 
 
-def _artifact_text(artifact: str) -> tuple[dict, dict]:
-    from trtforge.manifest import read_manifest, verified_text_config
+def verified(artifact: Path) -> dict:
+    """The artifact's manifest, once every file of the artifact matches it (size, sha256, nothing
+    unlisted): the driver checks before a cluster is touched, and every actor (and every restart of
+    one) again in its constructor, whoever built the pipeline; the runtime's loader then checks the
+    engine files it reads a third time."""
+    from trtforge.errors import ArtifactError
+    from trtforge.manifest import read_manifest, verify_files
 
-    manifest = read_manifest(Path(artifact))
+    manifest = read_manifest(artifact)
+    problems = verify_files(artifact, manifest)
+    if problems:
+        raise ArtifactError(f"{artifact} does not match its manifest ({problems[0]}"
+                            f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it with "
+                            "trtforge build, or run trtforge inspect to see every problem")
+    return manifest
+
+
+def _artifact_text(artifact: str) -> tuple[dict, dict]:
+    from trtforge.manifest import verified_text_config
+
+    manifest = verified(Path(artifact))
     return manifest, verified_text_config(Path(artifact), manifest)
 
 
@@ -167,20 +184,13 @@ class RayPipeline:
     """The Ray Data form of run.py's _Pipeline: same `run` contract, same output."""
 
     def __init__(self, address: str, artifact: Path, text: dict, options: Any, meter: Any) -> None:
-        from trtforge.errors import ArtifactError, EnvironmentProblem
-        from trtforge.manifest import read_manifest, verify_files
+        from trtforge.errors import EnvironmentProblem
 
         try:
             import ray
         except ImportError:
             raise EnvironmentProblem("--ray needs Ray Data, which is not installed: pip install 'trtforge[ray]'") from None
-        # Every file of the artifact, before a cluster is touched: the actors (and Ray's restarts of
-        # them) then load what was verified here, and each loader checks its own files again.
-        problems = verify_files(artifact, read_manifest(artifact))
-        if problems:
-            raise ArtifactError(f"{artifact} does not match its manifest ({problems[0]}"
-                                f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}); rebuild it with "
-                                "trtforge build, or run trtforge inspect to see every problem")
+        verified(artifact)  # before a cluster is touched
 
         self.artifact, self.text, self.options, self.meter = artifact, text, options, meter
         self.started_here = not ray.is_initialized()
