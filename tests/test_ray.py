@@ -104,17 +104,17 @@ def _actors(driver: int, name: str) -> list[int]:
     return [pid for pid, title in titles.items() if name in title and under(pid)]
 
 
-def test_an_inference_actor_killed_mid_job_is_restarted_and_every_row_is_written_once(tiny_classifier, tmp_path):  # noqa: F811
+def test_an_inference_actor_killed_mid_job_is_restarted_and_every_row_is_written_once(minilm, tmp_path):  # noqa: F811
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    rows = texts(4000, seed=6)
+    rows = texts(3000, seed=6)
     source = parquet_input(tmp_path / "in.parquet", rows)
     out = tmp_path / "ray"
-    command = [sys.executable, "-m", "trtforge", "run", str(tiny_classifier), str(source), "--out", str(out),
+    command = [sys.executable, "-m", "trtforge", "run", str(minilm), str(source), "--out", str(out),
                "--shard-rows", "250", "-q", *RAY, "--cpu-workers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
@@ -135,13 +135,14 @@ def test_an_inference_actor_killed_mid_job_is_restarted_and_every_row_is_written
     assert killed is not None, "the job ended before an actor could be killed mid-way; give it more rows"
     assert process.returncode == 0, stderr[-3000:]
     record = json.loads((out / "_run.json").read_text())
-    assert len(record["shards"]) == 16 and record["complete"]
+    assert len(record["shards"]) == 12 and record["complete"]
     got = table(out)
-    assert got.column("row").to_pylist() == list(range(4000))  # every row, once, in order
-    single = trtforge("run", str(tiny_classifier), str(source), "--out", str(tmp_path / "single"), "--devices", "cpu",
+    assert got.column("row").to_pylist() == list(range(3000))  # every row, once, in order
+    single = trtforge("run", str(minilm), str(source), "--out", str(tmp_path / "single"), "--devices", "cpu",
                       "--shard-rows", "250", "-q", timeout=300)
     assert single.returncode == 0, single.stderr
-    assert got.column("label").to_pylist() == table(tmp_path / "single").column("label").to_pylist()
+    np.testing.assert_allclose(vectors(got.column("embedding")), vectors(table(tmp_path / "single").column("embedding")),
+                               atol=1e-6)
 
 
 def test_an_interrupted_ray_run_resumes_keeping_its_shards_to_the_single_host_output(minilm, tmp_path):  # noqa: F811

@@ -18,8 +18,8 @@ node keeps the shards _run.json lists and recomputes (but does not rewrite) the 
     from trtforge.job.raydata import Model
 
     ds = ray.data.read_parquet("s3://bucket/texts/")
-    ds.map_batches(Model, fn_constructor_kwargs={"artifact": "engines/minilm"},
-                   num_gpus=1, concurrency=4, batch_size=4096).write_parquet("s3://bucket/embeddings/")
+    ds.map_batches(Model, fn_constructor_kwargs={"artifact": "engines/minilm"}, num_gpus=1, batch_size=4096,
+                   compute=ray.data.ActorPoolStrategy(size=4)).write_parquet("s3://bucket/embeddings/")
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from trtforge.job import tables
 IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
+IN_FLIGHT = 2  # batches in each inference actor's runtime at once: the GPU runs one while the next is sent
 ACTOR_CPUS = 0.5  # the most CPU Ray reserves for each tokenizing (and CPU inference) actor
 
 
@@ -236,10 +237,12 @@ class RayPipeline:
         tokenize = dict(artifact=str(self.artifact), column=column, pair_column=o.pair_column, prefix=prefix,
                         id_column=o.id_column)
         ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, batch_size=BLOCK_ROWS,
-                            concurrency=self.tokenize_actors, num_cpus=self.actor_cpus)
+                            compute=ray.data.ActorPoolStrategy(size=self.tokenize_actors), num_cpus=self.actor_cpus)
         infer = dict(artifact=str(self.artifact), pair_column=o.pair_column, cpu_workers=1)
         return ds.map_batches(_Keep(Model), fn_constructor_kwargs=infer, batch_size=BLOCK_ROWS,
-                              concurrency=self.infer_actors, num_gpus=1 if self.gpus else 0,
+                              compute=ray.data.ActorPoolStrategy(size=self.infer_actors,
+                                                                 max_concurrent_calls_per_actor=IN_FLIGHT,
+                                                                 enable_true_multi_threading=True), num_gpus=1 if self.gpus else 0,
                               num_cpus=0 if self.gpus else self.actor_cpus, max_restarts=-1, max_task_retries=-1)
 
     def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: Any, kind: str,
