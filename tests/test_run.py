@@ -205,6 +205,27 @@ def test_a_classifier_run_writes_pytorchs_argmax_label_its_name_and_softmax_scor
 
 
 @needs_minilm
+def test_rows_longer_than_the_models_maximum_are_cut_and_marked_truncated(tiny_classifier, tmp_path):
+    """max_length is 64 tokens here: rows past it are cut (not a crash), and `truncated` says which,
+    exactly those that transformers' tokenizer makes longer than 64 tokens; the summary counts them."""
+    import transformers
+
+    rows = texts(30, "short", seed=21) + [" ".join(texts(6, "passage", seed=22 + i)) for i in range(6)]
+    rows = rows[::2] + rows[1::2]  # the long ones spread across shards
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_classifier.parent.parent / "model")
+    want = [len(tokenizer(r)["input_ids"]) > 64 for r in rows]
+    assert 3 <= sum(want) <= 10
+    source = write(tmp_path / "in.jsonl", "jsonl", rows)
+    result = trtforge("run", str(tiny_classifier), str(source), "--out", str(tmp_path / "out"), "--shard-rows", "10")
+    assert result.returncode == 0, result.stderr
+    got = table(tmp_path / "out")
+    assert got.column("truncated").to_pylist() == want
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert record["summary"]["truncated_rows"] == sum(want)
+    assert f"{sum(want)} row(s) were longer than the model's maximum" in result.stderr
+
+
+@needs_minilm
 def test_a_directory_of_mixed_shards_is_one_input_numbered_across_its_files(minilm, tmp_path):
     rows = texts(30, seed=5)
     data = tmp_path / "data"

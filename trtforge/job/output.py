@@ -116,7 +116,8 @@ class RunDir:
     def done_rows(self) -> int:
         return sum(s["rows"] for s in self.record["shards"])
 
-    def write_shard(self, index: int, table: Any, *, rows: int, bad: list[dict[str, Any]], tokens: int) -> None:
+    def write_shard(self, index: int, table: Any, *, rows: int, bad: list[dict[str, Any]], tokens: int,
+                    truncated: int = 0) -> None:
         """The shard's table to disk (temporary name, fsync, rename), then into _run.json."""
         import pyarrow.parquet as pq
 
@@ -129,7 +130,7 @@ class RunDir:
         target = self.staging / name
         os.replace(tmp, target)
         self.record["shards"].append({"name": name, "rows": rows, "written": table.num_rows, "tokens": tokens,
-                                      "bad_rows": bad, "size": target.stat().st_size, "sha256": sha256_file(target)})
+                                      "truncated": truncated, "bad_rows": bad, "size": target.stat().st_size, "sha256": sha256_file(target)})
         self._save()
 
     def finish(self, summary: dict[str, Any], npy: bool) -> list[str]:

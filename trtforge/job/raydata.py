@@ -33,7 +33,8 @@ import numpy as np
 from trtforge.job.inputs import InputError, Source, checked_text
 from trtforge.job import tables
 
-IDS, PROBLEM, ID = "__trtforge_ids", "__trtforge_problem", "__trtforge_id"  # the columns between the stages
+# the columns between the stages
+IDS, PROBLEM, ID, TRUNCATED = "__trtforge_ids", "__trtforge_problem", "__trtforge_id", "__trtforge_truncated"
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
 IN_FLIGHT = 2  # batches in each inference actor's runtime at once: the GPU runs one while the next is sent
@@ -103,11 +104,13 @@ class Tokenize:
                 good.append(i)
         ids = np.empty(n, dtype=object)
         ids[:] = [np.zeros(0, np.int64)] * n
+        truncated = np.zeros(n, dtype=bool)
         if texts:
             tokens = self.tokenizer.encode(texts)
             for row, start, length in zip(good, tokens.starts, tokens.lengths):
                 ids[row] = tokens.ids[start:start + length]
-        out = {IDS: ids, PROBLEM: np.array(problems, dtype=object)}
+            truncated[good] = tokens.truncated
+        out = {IDS: ids, PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated}
         if self.id_column:
             out[ID] = np.array([None if v is None else str(v) for v in batch[self.id_column]], dtype=object)
         return out
@@ -286,10 +289,11 @@ class RayPipeline:
         shard.numbers = [first + i for i in good]
         if self.options.id_column:
             shard.ids = [rows[ID][i] for i in good]
-        columns = {name: values[good] for name, values in rows.items() if name not in (IDS, PROBLEM, ID)}
+        columns = {name: values[good] for name, values in rows.items() if name not in (IDS, PROBLEM, ID, TRUNCATED)}
+        columns["truncated"] = rows[TRUNCATED][good].astype(bool)  # last, as the single-host table has it
         tokens = int(sum(len(rows[IDS][i]) for i in good))
         out.write_shard(shard.index, tables.arrow(shard.numbers, shard.ids, columns), rows=shard.rows, bad=shard.bad,
-                        tokens=tokens)
+                        tokens=tokens, truncated=int(columns["truncated"].sum()))
         self.meter.add(shard.rows, tokens)
 
     def close(self) -> None:

@@ -139,6 +139,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     new_rows = rows - done_rows
     summary = {"rows": rows, "written": sum(s["written"] for s in shards), "bad_rows": len(bad),
                "bad_row_numbers": [b["row"] for b in bad[:1000]], "tokens": sum(s["tokens"] for s in shards),
+               "truncated_rows": sum(s.get("truncated", 0) for s in shards),
                "seconds": round(seconds, 3), "startup_s": round(startup_s, 3), "streaming_s": round(streaming, 3),
                "rows_this_run": new_rows, "rows_per_s": round(new_rows / streaming, 1),
                "tokens_per_s": round(meter.tokens / streaming, 1),
@@ -232,6 +233,8 @@ class _Pipeline:
             began = time.perf_counter()
             ids = tokens.result() if tokens is not None else None
             self.stages_s["wait_tokenize"] += time.perf_counter() - began
+            if ids is not None:
+                shard.truncated = ids.truncated
             count = int(ids.lengths.sum()) if ids is not None else 0
             inferring.append((shard, count, self.runtime.submit_tokens(ids) if ids is not None else None))
 
@@ -264,8 +267,9 @@ class _Pipeline:
     def _write(self, out: RunDir, shard: tables.Shard, outputs: dict | None, tokens: int, kind: str, width: int,
                text: dict) -> None:
         began = time.perf_counter()
+        truncated = int(shard.truncated.sum()) if shard.truncated is not None else 0
         out.write_shard(shard.index, tables.table(shard, outputs, kind, width, text), rows=shard.rows, bad=shard.bad,
-                        tokens=tokens)
+                        tokens=tokens, truncated=truncated)
         self.stages_s["writer_busy"] += time.perf_counter() - began
         self.meter.add(shard.rows, tokens)
 
@@ -334,6 +338,9 @@ class Meter:
         self.line(f"  done {summary['rows']:,} rows, {summary['written']:,} written, {summary['bad_rows']:,} bad, in "
                   f"{summary['seconds']:.1f} s ({summary['startup_s']:.1f} s start-up){resumed}: "
                   f"{_count(summary['rows_per_s'])} rows/s, {_count(summary['tokens_per_s'])} real tokens/s")
+        if summary["truncated_rows"]:
+            self.line(f"  {summary['truncated_rows']:,} row(s) were longer than the model's maximum and were cut there, "
+                      "as sentence-transformers cuts them (column truncated)")
         if bad:
             shown = ", ".join(f"{b['row']} ({b['problem']})" for b in bad[:10])
             self.line(f"  bad rows left out: {shown}{' ...' if len(bad) > 10 else ''} (all in {out}/_run.json)")

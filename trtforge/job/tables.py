@@ -25,6 +25,7 @@ class Shard:
     texts: list[str]
     ids: list[str | None] | None
     bad: list[dict[str, Any]]
+    truncated: np.ndarray | None = None  # bool per good row: cut at the model's max_length
 
 
 def kind(artifact: Path, text: dict | None, task: str, pair_column: str | None) -> str:
@@ -60,8 +61,11 @@ def width(manifest: dict, text: dict, kind: str) -> int:
 
 
 def table(shard: Shard, outputs: dict | None, kind: str, width: int, text: dict) -> Any:
-    """A shard's results as an Arrow table: row, id (where asked), then the task's columns."""
-    return arrow(shard.numbers, shard.ids, columns(outputs, len(shard.numbers), kind, width, text))
+    """A shard's results as an Arrow table: row, id (where asked), the task's columns, then
+    `truncated` (the row was longer than the model's max_length and cut there)."""
+    found = columns(outputs, len(shard.numbers), kind, width, text)
+    truncated = shard.truncated if shard.truncated is not None else np.zeros(len(shard.numbers), dtype=bool)
+    return arrow(shard.numbers, shard.ids, {**found, "truncated": truncated})
 
 
 def columns(outputs: dict | None, n: int, kind: str, width: int, text: dict) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ class Tokens:
     ids: np.ndarray  # int64, every row's ids one after another
     type_ids: np.ndarray | None  # int64 like ids, where the tokenizer gives segment ids that are not all 0
     lengths: np.ndarray  # int64, real tokens per row (special tokens included)
+    truncated: np.ndarray | None = None  # bool per row: the tokenizer cut it at max_length (None: not known)
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
@@ -39,18 +40,21 @@ class Tokens:
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
         lengths = self.lengths[rows]
         index = _ragged_index(self.starts[rows], lengths)
-        return Tokens(self.ids[index], None if self.type_ids is None else self.type_ids[index], lengths)
+        return Tokens(self.ids[index], None if self.type_ids is None else self.type_ids[index], lengths,
+                      None if self.truncated is None else self.truncated[rows])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The parts as named arrays (to cross shared memory); from_arrays() reads them back."""
         parts = {"ids": self.ids, "lengths": self.lengths}
         if self.type_ids is not None:
             parts["type_ids"] = self.type_ids
+        if self.truncated is not None:
+            parts["truncated"] = self.truncated
         return parts
 
     @classmethod
     def from_arrays(cls, parts: dict[str, np.ndarray]) -> Tokens:
-        return cls(parts["ids"], parts.get("type_ids"), parts["lengths"])
+        return cls(parts["ids"], parts.get("type_ids"), parts["lengths"], parts.get("truncated"))
 
     def padded(self, rows: np.ndarray, width: int, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The rows' attention mask and the engine's inputs for them, right-padded with zeros to
@@ -96,10 +100,14 @@ class FastTokenizer:
         self.max_length = max_length
 
     def encode(self, texts: list[str]) -> Tokens:
-        """Ragged ids of the texts (encode_batch_fast: no character offsets, which cost more)."""
+        """Ragged ids of the texts (encode_batch_fast: no character offsets, which cost more), and
+        which rows were cut at max_length (those of max_length tokens with overflowing tokens)."""
         encodings = self.tokenizer.encode_batch_fast(texts)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         total = int(lengths.sum())
         ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
         types = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total)
-        return Tokens(ids, types if types.any() else None, lengths)
+        truncated = np.zeros(len(lengths), dtype=bool)
+        for row in np.flatnonzero(lengths == self.max_length):
+            truncated[row] = bool(encodings[row].overflowing)
+        return Tokens(ids, types if types.any() else None, lengths, truncated)
