@@ -43,6 +43,7 @@ def test_the_ray_pipeline_writes_what_the_single_host_run_writes(minilm, tmp_pat
     record = {name: json.loads((tmp_path / name / "_run.json").read_text()) for name in ("single", "ray")}
     assert [s["rows"] for s in record["ray"]["shards"]] == [512, 512, 476]
     assert [b["row"] for s in record["ray"]["shards"] for b in s["bad_rows"]] == [7, 1100]
+    assert [s["tokens"] for s in record["ray"]["shards"]] == [s["tokens"] for s in record["single"]["shards"]]
     assert record["ray"]["summary"]["devices"] == "ray:local"
     assert record["ray"]["complete"] and record["single"]["complete"]
 
@@ -202,3 +203,50 @@ def test_every_actor_refuses_a_tampered_artifact_in_its_constructor(minilm, tmp_
         Tokenize(str(tokenizer_copy))
     with pytest.raises(Exception, match="sha256|does not match"):
         Model(str(tokenizer_copy))
+
+
+USER_PIPELINE = """
+import sys
+import numpy as np
+import ray
+from trtforge.job.raydata import Model
+
+if __name__ == "__main__":
+    artifact, source, out = sys.argv[1:4]
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=2, log_to_driver=False)
+    try:
+        # the example of docs/run.md, with CPU actors for this machine
+        ds = ray.data.read_parquet(source)
+        ds.map_batches(Model, fn_constructor_kwargs={"artifact": artifact, "keep": ["id"]}, batch_size=512,
+                       num_cpus=0.5, compute=ray.data.ActorPoolStrategy(size=2)).write_parquet(out)
+        rows = ray.data.read_parquet(out).take_all()
+        np.savez(out + ".npz", id=np.array([r["id"] for r in rows]), embedding=np.stack([r["embedding"] for r in rows]))
+    finally:
+        ray.shutdown()
+"""
+
+
+def test_model_in_a_users_own_pipeline_writes_the_single_host_embeddings(minilm, tmp_path):  # noqa: F811
+    """The documented `Model` example (map_batches on a Parquet dataset, write_parquet from the
+    actors): every row once, with the id it was given and the single-host run's embedding."""
+    import subprocess
+    import sys
+
+    rows = texts(1200, seed=5)
+    source = parquet_input(tmp_path / "in.parquet", rows)
+    single = trtforge("run", str(minilm), str(source), "--id-column", "id", "--devices", "cpu", "-q",
+                      "--out", str(tmp_path / "single"), timeout=300)
+    assert single.returncode == 0, single.stderr
+    script = tmp_path / "pipeline.py"
+    script.write_text(USER_PIPELINE)
+    out = tmp_path / "users"
+    done = subprocess.run([sys.executable, str(script), str(minilm), str(source), str(out)], capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(f"{out}.npz")
+    expected = table(tmp_path / "single")
+    ids = expected.column("id").to_pylist()
+    assert len(ids) == 1200 and sorted(got["id"].tolist()) == sorted(ids)  # every row once
+    place = {name: i for i, name in enumerate(got["id"].tolist())}
+    np.testing.assert_allclose(got["embedding"][[place[name] for name in ids]], vectors(expected.column("embedding")),
+                               atol=1e-6)

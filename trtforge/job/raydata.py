@@ -18,8 +18,9 @@ node keeps the shards _run.json lists and recomputes (but does not rewrite) the 
     from trtforge.job.raydata import Model
 
     ds = ray.data.read_parquet("s3://bucket/texts/")
-    ds.map_batches(Model, fn_constructor_kwargs={"artifact": "engines/minilm"}, num_gpus=1, batch_size=4096,
-                   compute=ray.data.ActorPoolStrategy(size=4)).write_parquet("s3://bucket/embeddings/")
+    ds.map_batches(Model, fn_constructor_kwargs={"artifact": "engines/minilm", "keep": ["id"]},
+                   num_gpus=1, batch_size=4096, compute=ray.data.ActorPoolStrategy(size=4),
+                   ).write_parquet("s3://bucket/embeddings/")
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from trtforge.job import tables
 
 # the columns between the stages
 IDS, PROBLEM, ID, TRUNCATED = "__trtforge_ids", "__trtforge_problem", "__trtforge_id", "__trtforge_truncated"
+LENGTH = "__trtforge_length"  # what comes back of the token ids: their count (the ids stop at the inference actor)
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
 IN_FLIGHT = 2  # batches in each inference actor's runtime at once: the GPU runs one while the next is sent
@@ -121,11 +123,12 @@ class Model:
 
     Takes Tokenize's columns, or texts in `column` (tokenized here). Returns the task's columns:
     `embedding` (models with pooling), `label`/`label_id`/`score`/`logits` (classifiers), `score`
-    (cross-encoders, with `pair_column`). The runtime's loader verifies the artifact (sha256 of
-    every file it reads) and refuses an engine that does not match this actor's GPU."""
+    (cross-encoders, with `pair_column`), and the input columns named in `keep` (an id, say)
+    beside them. Every file of the artifact is verified against its manifest here, and the
+    runtime's loader refuses an engine that does not match this actor's GPU."""
 
     def __init__(self, artifact: str, column: str = "text", pair_column: str | None = None,
-                 prompt: str | None = None, cpu_workers: int = 1) -> None:
+                 prompt: str | None = None, cpu_workers: int = 1, keep: tuple[str, ...] | list[str] = ()) -> None:
         import torch
 
         from trtforge.runtime import Runtime
@@ -134,7 +137,7 @@ class Model:
         manifest, self.text = _artifact_text(artifact)
         self.kind = tables.kind(Path(artifact), self.text, manifest["model"]["task"], pair_column)
         self.width = tables.width(manifest, self.text, self.kind)
-        self.column, self.pair_column = column, pair_column
+        self.column, self.pair_column, self.keep = column, pair_column, tuple(keep)
         self.prefix = prompt_text(self.text, prompt)
         gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0  # Ray shows an actor its own GPU
         self.runtime = Runtime(artifact, devices="all" if gpu else cpu_workers)
@@ -153,8 +156,9 @@ class Model:
             tokens = self._tokenize(batch)
         outputs = self.runtime.submit_tokens(tokens).result() if good else None
         columns = tables.columns(outputs, len(good), self.kind, self.width, self.text)
-        return {name: _spread(np.asarray(values), good, len(batch[PROBLEM if IDS in batch else self.column]))
-                for name, values in columns.items()}
+        n = len(batch[PROBLEM if IDS in batch else self.column])
+        return {**{name: batch[name] for name in self.keep},
+                **{name: _spread(np.asarray(values), good, n) for name, values in columns.items()}}
 
     def _tokenize(self, batch: dict[str, np.ndarray]) -> Any:
         from trtforge.runtime.tokenize import FastTokenizer
@@ -289,9 +293,9 @@ class RayPipeline:
         shard.numbers = [first + i for i in good]
         if self.options.id_column:
             shard.ids = [rows[ID][i] for i in good]
-        columns = {name: values[good] for name, values in rows.items() if name not in (IDS, PROBLEM, ID, TRUNCATED)}
+        columns = {name: values[good] for name, values in rows.items() if name not in (LENGTH, PROBLEM, ID, TRUNCATED)}
         columns["truncated"] = rows[TRUNCATED][good].astype(bool)  # last, as the single-host table has it
-        tokens = int(sum(len(rows[IDS][i]) for i in good))
+        tokens = int(rows[LENGTH][good].sum())
         out.write_shard(shard.index, tables.arrow(shard.numbers, shard.ids, columns), rows=shard.rows, bad=shard.bad,
                         tokens=tokens, truncated=int(columns["truncated"].sum()))
         self.meter.add(shard.rows, tokens)
@@ -310,12 +314,14 @@ def _split(pending: dict[str, list], rows: int) -> tuple[dict[str, np.ndarray], 
 
 class _Keep:
     """A Model class that passes Tokenize's columns through beside its own (the driver needs the
-    problems and the token counts)."""
+    problems and the token counts), the token ids as their count."""
 
     def __new__(cls, model: type) -> type:
         class Kept(model):
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                return {**batch, **super().__call__(batch)}
+                kept = {name: values for name, values in batch.items() if name != IDS}
+                kept[LENGTH] = np.fromiter((len(ids) for ids in batch[IDS]), np.int64, len(batch[IDS]))
+                return {**kept, **super().__call__(batch)}
 
         Kept.__name__ = Kept.__qualname__ = "TrtforgeModel"
         return Kept
