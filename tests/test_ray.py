@@ -250,3 +250,18 @@ def test_model_in_a_users_own_pipeline_writes_the_single_host_embeddings(minilm,
     place = {name: i for i, name in enumerate(got["id"].tolist())}
     np.testing.assert_allclose(got["embedding"][[place[name] for name in ids]], vectors(expected.column("embedding")),
                                atol=1e-6)
+
+
+def test_model_names_a_kept_column_the_dataset_lacks(minilm):  # noqa: F811
+    from trtforge.job.raydata import Model
+
+    model = Model(str(minilm), keep=["doc_id"])
+    try:
+        batch = {"text": np.array(["a sentence", "another one"], dtype=object), "id": np.array(["a", "b"], dtype=object)}
+        with pytest.raises(ValueError, match=r"keep=\['doc_id'\].*has \['id', 'text'\]"):
+            model(batch)
+        model.keep = ("id",)
+        out = model(batch)
+        assert out["id"].tolist() == ["a", "b"] and out["embedding"].shape == (2, 384)
+    finally:
+        model.runtime.close()

@@ -157,6 +157,9 @@ class Model:
         outputs = self.runtime.submit_tokens(tokens).result() if good else None
         columns = tables.columns(outputs, len(good), self.kind, self.width, self.text)
         n = len(batch[PROBLEM if IDS in batch else self.column])
+        missing = [name for name in self.keep if name not in batch]
+        if missing:
+            raise ValueError(f"Model(keep={missing}): not columns of the dataset, which has {sorted(batch)}")
         return {**{name: batch[name] for name in self.keep},
                 **{name: _spread(np.asarray(values), good, n) for name, values in columns.items()}}
 
