@@ -222,9 +222,14 @@ def test_tritonserver_serves_the_exported_minilm_with_parity(tmp_path, tritonser
         expected = model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).last_hidden_state.numpy()
     mask = encoded["attention_mask"].astype(bool)
     assert served.shape == expected.shape
-    # The FP32 gate of the recipe: |a - b| <= atol (1e-4) or rtol (1e-3) * |b|, at unpadded positions.
+    # The gate the served graph passed at build, at unpadded positions: the recipe's FP32 one
+    # ([validate]: |a - b| <= 1e-4 or 1e-3 * |b|), or its FP16 policy ([fp16]: 2e-2, 2e-2) where the
+    # build measured the FP16 graph faster on this CPU and chose it.
+    manifest = json.loads((tmp_path / "out" / "minilm" / "manifest.json").read_text())
+    cpu = next(e for e in manifest["engines"] if e["backend"] == "onnxruntime-cpu")
+    atol, rtol = (1e-4, 1e-3) if cpu["build"]["candidate"] == "fp32" else (2e-2, 2e-2)
     a, b = served[mask], expected[mask]
-    assert np.all((np.abs(a - b) <= 1e-4) | (np.abs(a - b) <= 1e-3 * np.abs(b))), np.abs(a - b).max()
+    assert np.all((np.abs(a - b) <= atol) | (np.abs(a - b) <= rtol * np.abs(b))), np.abs(a - b).max()
 
     # The text entry point: strings in, sentence embeddings out, as sentence-transformers computes
     # them for this model (mean over real tokens, L2-normalised), here from PyTorch in the test.
@@ -235,5 +240,5 @@ def test_tritonserver_serves_the_exported_minilm_with_parity(tmp_path, tritonser
     embedded = client.infer("minilm_text", [text]).as_numpy("embedding")
     pooled = minilm_sentence_embeddings(sentences)
     assert embedded.shape == (3, 384)
-    assert np.abs(embedded - pooled).max() < 1e-4, np.abs(embedded - pooled).max()
+    assert np.abs(embedded - pooled).max() < atol, np.abs(embedded - pooled).max()
     assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-5)
