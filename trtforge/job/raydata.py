@@ -36,7 +36,7 @@ from trtforge.job import tables
 
 # the columns between the stages
 IDS, PROBLEM, ID, TRUNCATED = "__trtforge_ids", "__trtforge_problem", "__trtforge_id", "__trtforge_truncated"
-LENGTH = "__trtforge_length"  # what comes back of the token ids: their count (the ids stop at the inference actor)
+LENGTH = "__trtforge_length"  # each row's token count: what the driver needs of the ids, which stop at inference
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
 IN_FLIGHT = 2  # batches in each inference actor's runtime at once: the GPU runs one while the next is sent
@@ -106,13 +106,13 @@ class Tokenize:
                 good.append(i)
         ids = np.empty(n, dtype=object)
         ids[:] = [np.zeros(0, np.int64)] * n
-        truncated = np.zeros(n, dtype=bool)
+        truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
         if texts:
             tokens = self.tokenizer.encode(texts)
             for row, start, length in zip(good, tokens.starts, tokens.lengths):
                 ids[row] = tokens.ids[start:start + length]
-            truncated[good] = tokens.truncated
-        out = {IDS: ids, PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated}
+            truncated[good], lengths[good] = tokens.truncated, tokens.lengths
+        out = {IDS: ids, LENGTH: lengths, PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated}
         if self.id_column:
             out[ID] = np.array([None if v is None else str(v) for v in batch[self.id_column]], dtype=object)
         return out
@@ -146,6 +146,9 @@ class Model:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from trtforge.runtime.tokenize import Tokens
 
+        missing = [name for name in self.keep if name not in batch]
+        if missing:
+            raise ValueError(f"Model(keep={missing}): not columns of the dataset, which has {sorted(batch)}")
         if IDS in batch:
             good = [i for i, p in enumerate(batch[PROBLEM]) if not p]
             rows = [np.asarray(batch[IDS][i], dtype=np.int64) for i in good]
@@ -157,9 +160,6 @@ class Model:
         outputs = self.runtime.submit_tokens(tokens).result() if good else None
         columns = tables.columns(outputs, len(good), self.kind, self.width, self.text)
         n = len(batch[PROBLEM if IDS in batch else self.column])
-        missing = [name for name in self.keep if name not in batch]
-        if missing:
-            raise ValueError(f"Model(keep={missing}): not columns of the dataset, which has {sorted(batch)}")
         return {**{name: batch[name] for name in self.keep},
                 **{name: _spread(np.asarray(values), good, n) for name, values in columns.items()}}
 
@@ -317,13 +317,12 @@ def _split(pending: dict[str, list], rows: int) -> tuple[dict[str, np.ndarray], 
 
 class _Keep:
     """A Model class that passes Tokenize's columns through beside its own (the driver needs the
-    problems and the token counts), the token ids as their count."""
+    problems and the token counts), less the token ids."""
 
     def __new__(cls, model: type) -> type:
         class Kept(model):
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 kept = {name: values for name, values in batch.items() if name != IDS}
-                kept[LENGTH] = np.fromiter((len(ids) for ids in batch[IDS]), np.int64, len(batch[IDS]))
                 return {**kept, **super().__call__(batch)}
 
         Kept.__name__ = Kept.__qualname__ = "TrtforgeModel"
