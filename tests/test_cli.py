@@ -74,8 +74,11 @@ def test_build_json_then_inspect_then_tamper(tmp_path):
 def test_parity_failure_exits_1(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(tiny_recipe_text("bert") + "[validate]\natol = 0.0\nrtol = 0.0\n")
-    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "FAILED" in result.stderr
+    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    # --quiet prints nothing but errors, and a failed gate is one: the verdict and the breach are said
+    assert result.exit_code == 1 and result.stderr.startswith("FAILED")
+    assert "first failing check: validate: last_hidden_state at the " in result.stderr and "exceeds atol 0" in result.stderr
+    assert "export" not in result.stderr  # and no stage lines
     assert (tmp_path / "out" / "tiny-bert" / "reports" / "parity.junit.xml").is_file()
 
 

@@ -189,7 +189,10 @@ class Build:
         line = f"{'PASSED' if passed else 'FAILED'}  {published}  (report: {published / REPORT_FILES[1]})"
         if published != self.artifact:
             line += (f"; the passing artifact {self.artifact} was kept (--publish-failed replaces it)")
-        self.progress.line(line)
+        if passed:
+            self.progress.line(line)
+        else:
+            self.progress.error(f"{line}\n  first failing check: {first_failure(manifest)}")
         return BuildResult(published, passed, False, manifest)
 
     @cached_property
@@ -232,7 +235,8 @@ class Build:
         if passed:
             remove_owned(self.failed_artifact, self.recipe.model.name)
         else:
-            self.progress.line(f"FAILED  {self.artifact}  (unchanged recipe; report: {self.artifact / REPORT_FILES[1]})")
+            self.progress.error(f"FAILED  {self.artifact}  (unchanged recipe; report: {self.artifact / REPORT_FILES[1]})"
+                                f"\n  first failing check: {first_failure(manifest)}")
         return BuildResult(self.artifact, passed, True, manifest)
 
     def _published_if_current(self) -> dict[str, Any] | None:
@@ -533,3 +537,18 @@ def _parity_summary(result: dict[str, Any]) -> str:
     rows = result["parity"]["outputs"]
     worst = max((r["max_abs"] for r in rows), default=0.0)
     return f"{result['status']} (max abs error {worst:.2g} over {len(rows)} output/shape checks)"
+
+
+def first_failure(manifest: dict[str, Any]) -> str:
+    """The first failing parity check of a manifest, in a line: its stage, and its error or its
+    first breached output with the breach."""
+    for result in manifest["parity"]["results"]:
+        if not result["checked"] or result["passed"]:
+            continue
+        if result.get("error"):
+            return f"{result['stage']}: {result['error']}"
+        row = next((r for r in result["outputs"] if not r["passed"]), None)
+        if row is None:
+            return f"{result['stage']}: no output compared"
+        return f"{result['stage']}: {row['output']} at the {row['shape_label']} shape: {'; '.join(row['failures'])}"
+    return "none checked" if not any(r["checked"] for r in manifest["parity"]["results"]) else "none"

@@ -18,6 +18,10 @@ class Progress:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
+    def error(self, text: str) -> None:
+        """What went wrong, said even under --quiet ("print nothing but errors")."""
+        print(text, file=self.stream, flush=True)
+
     def detail(self, text: str) -> None:
         if self.verbose and not self.quiet:
             print(f"      {text}", file=self.stream, flush=True)
