@@ -87,7 +87,8 @@ def run(artifact: Path, path: Path, out: Path, extra: list[str]) -> dict:
     summary = json.loads((out / "_run.json").read_text())["summary"]
     return {**{k: summary[k] for k in ("rows_per_s", "tokens_per_s", "startup_s", "streaming_s", "seconds", "tokens",
                                        "tokenizers", "stages_s")},
-            "wall_s": round(time.perf_counter() - started, 2), "log": result.stderr.strip().splitlines()[-4:]}
+            "wall_s": round(time.perf_counter() - started, 2), "log": result.stderr.strip().splitlines()[-4:],
+            "stderr": result.stderr}  # -v: with --ray, Ray Data's per-operator stats
 
 
 def tokenize_rate(artifact: Path) -> dict:

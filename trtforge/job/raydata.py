@@ -263,7 +263,8 @@ class RayPipeline:
         skip = start * shard_rows  # rows already written: computed again, not written again
         number, index = 0, start
         pending: dict[str, list] = {}
-        for batch in self.dataset(source, prefix).iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy"):
+        dataset = self.dataset(source, prefix)
+        for batch in dataset.iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy"):
             n = len(batch[PROBLEM])
             for name, values in batch.items():
                 pending.setdefault(name, []).append(values)
@@ -280,6 +281,8 @@ class RayPipeline:
         if pending and sum(len(v) for v in pending[PROBLEM]):
             rows, _ = _split(pending, sum(len(v) for v in pending[PROBLEM]))
             self._write(out, index, rows, number, policy, source)
+        if self.options.verbose:  # where the time went, operator by operator, as Ray Data measured it
+            self.meter.line(dataset.stats())
 
     def _write(self, out: Any, index: int, rows: dict[str, np.ndarray], first: int, policy: str,
                source: Source) -> None:
