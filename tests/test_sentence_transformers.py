@@ -273,6 +273,16 @@ backends = ["onnxruntime-cpu"]
     missing = subprocess.run([*run, "--out", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is a cross-encoder: it scores pairs of texts" in missing.stderr
 
+    # The Ray Data stages (the actors' own code, called here without a cluster): the segment ids of
+    # each pair cross from the tokenizing stage to the inference one (all zeros, the scores are off)
+    pytest.importorskip("ray")
+    from trtforge.job.raydata import Model, Tokenize
+
+    batch = {"query": np.array(queries + queries, dtype=object), "passage": np.array(passages + passages[::-1], dtype=object)}
+    tokenized = Tokenize(str(artifact), column="query", pair_column="passage")(batch)
+    scored = Model(str(artifact), pair_column="passage")(tokenized)
+    assert np.abs(scored["score"] - want).max() < 0.02 * spread, np.abs(scored["score"] - want).max()
+
 
 @pytest.mark.gpu
 def test_on_a_gpu_a_decoder_embedder_and_a_cross_encoder_match_sentence_transformers(tmp_path):

@@ -36,6 +36,7 @@ from trtforge.job import tables
 
 # the columns between the stages
 IDS, PROBLEM, ID, TRUNCATED = "__trtforge_ids", "__trtforge_problem", "__trtforge_id", "__trtforge_truncated"
+TYPES = "__trtforge_type_ids"  # segment ids, where the tokenizer gives them (a cross-encoder's pairs)
 LENGTH = "__trtforge_length"  # each row's token count: what the driver needs of the ids, which stop at inference
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
 BLOCK_ROWS = 4096  # rows per batch between the stages
@@ -77,8 +78,10 @@ def _artifact_text(artifact: str) -> tuple[dict, dict]:
 
 
 class Tokenize:
-    """Ray Data stage (CPU): texts (with their pairs) to ragged ids; a bad row gets an empty id
-    list and its problem, so that row numbers and the bad-row policy stay the driver's."""
+    """Ray Data stage (CPU): texts (with their pairs) to token ids, a block's rows padded to its
+    longest (a fixed-shape tensor column, which crosses the object store without a copy per row;
+    LENGTH says how many are real); a bad row gets no ids and its problem, so that row numbers and
+    the bad-row policy stay the driver's."""
 
     def __init__(self, artifact: str, column: str = "text", pair_column: str | None = None, prefix: str = "",
                  id_column: str | None = None, threads: int = 1) -> None:
@@ -104,15 +107,21 @@ class Tokenize:
             if not problem:
                 texts.append(text)
                 good.append(i)
-        ids = np.empty(n, dtype=object)
-        ids[:] = [np.zeros(0, np.int64)] * n
         truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+        out = {PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated, LENGTH: lengths}
         if texts:
             tokens = self.tokenizer.encode(texts)
-            for row, start, length in zip(good, tokens.starts, tokens.lengths):
-                ids[row] = tokens.ids[start:start + length]
             truncated[good], lengths[good] = tokens.truncated, tokens.lengths
-        out = {IDS: ids, LENGTH: lengths, PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated}
+            real = np.arange(max(1, lengths.max()))[None, :] < lengths[:, None]  # row-major: the ids in order
+            out[IDS] = np.zeros(real.shape, np.int32)
+            out[IDS][real] = tokens.ids
+            if self.pair_column:  # every block of a pair job has them, so that the blocks' columns agree
+                out[TYPES] = np.zeros(real.shape, np.int8)
+                out[TYPES][real] = 0 if tokens.type_ids is None else tokens.type_ids
+        else:
+            out[IDS] = np.zeros((n, 1), np.int32)
+            if self.pair_column:
+                out[TYPES] = np.zeros((n, 1), np.int8)
         if self.id_column:
             out[ID] = np.array([None if v is None else str(v) for v in batch[self.id_column]], dtype=object)
         return out
@@ -151,9 +160,9 @@ class Model:
             raise ValueError(f"Model(keep={missing}): not columns of the dataset, which has {sorted(batch)}")
         if IDS in batch:
             good = [i for i, p in enumerate(batch[PROBLEM]) if not p]
-            rows = [np.asarray(batch[IDS][i], dtype=np.int64) for i in good]
-            tokens = Tokens(np.concatenate(rows) if rows else np.zeros(0, np.int64), None,
-                            np.array([len(r) for r in rows], dtype=np.int64))
+            lengths = np.asarray(batch[LENGTH], np.int64)[good]
+            tokens = Tokens(_unpadded(batch[IDS][good], lengths),
+                            _unpadded(batch[TYPES][good], lengths) if TYPES in batch else None, lengths)
         else:
             good = list(range(len(batch[self.column])))
             tokens = self._tokenize(batch)
@@ -180,6 +189,15 @@ class Model:
         runtime = getattr(self, "runtime", None)
         if runtime is not None:
             runtime.close()
+
+
+def _unpadded(padded: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row i's first lengths[i] values, one row after another, as int64: Tokenize's padded block,
+    or blocks of several widths, which Ray joins into a column of rows (an object array)."""
+    if padded.dtype == object:
+        rows = [np.asarray(row)[:k] for row, k in zip(padded, lengths)]
+        return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]].astype(np.int64)
 
 
 def _spread(values: np.ndarray, good: list[int], n: int) -> np.ndarray:
@@ -323,12 +341,12 @@ def _split(pending: dict[str, list], rows: int) -> tuple[dict[str, np.ndarray], 
 
 class _Keep:
     """A Model class that passes Tokenize's columns through beside its own (the driver needs the
-    problems and the token counts), less the token ids."""
+    problems and the token counts), less the token ids and segment ids."""
 
     def __new__(cls, model: type) -> type:
         class Kept(model):
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                kept = {name: values for name, values in batch.items() if name != IDS}
+                kept = {name: values for name, values in batch.items() if name not in (IDS, TYPES)}
                 return {**kept, **super().__call__(batch)}
 
         Kept.__name__ = Kept.__qualname__ = "TrtforgeModel"
