@@ -265,3 +265,25 @@ def test_model_names_a_kept_column_the_dataset_lacks(minilm):  # noqa: F811
         assert out["id"].tolist() == ["a", "b"] and out["embedding"].shape == (2, 384)
     finally:
         model.runtime.close()
+
+
+def test_model_reads_token_blocks_of_several_widths_as_ray_joins_them(minilm):  # noqa: F811
+    """Tokenize pads each block to its own longest row; where a user's pipeline gives Model a batch
+    larger than Tokenize's, Ray joins blocks of different widths into a column of rows (an object
+    array, as Ray Data 2.60 does: checked by hand). Model reads both forms to the same embeddings as
+    from the texts themselves."""
+    from trtforge.job.raydata import IDS, Model, Tokenize
+
+    short, long = texts(6, seed=8), [t * 4 for t in texts(5, seed=9)]
+    tokenize, model = Tokenize(str(minilm)), Model(str(minilm))
+    try:
+        blocks = [tokenize({"text": np.array(part, dtype=object)}) for part in (short, long)]
+        assert blocks[0][IDS].shape[1] != blocks[1][IDS].shape[1]
+        joined = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0] if name != IDS}
+        joined[IDS] = np.empty(len(short) + len(long), dtype=object)
+        joined[IDS][:] = [row for b in blocks for row in b[IDS]]
+        from_texts = model({"text": np.array(short + long, dtype=object)})["embedding"]
+        np.testing.assert_allclose(model(joined)["embedding"], from_texts, atol=1e-6)
+        np.testing.assert_allclose(np.concatenate([model(b)["embedding"] for b in blocks]), from_texts, atol=1e-6)
+    finally:
+        model.runtime.close()
