@@ -278,7 +278,8 @@ backends = ["onnxruntime-cpu"]
     pytest.importorskip("ray")
     from trtforge.job.raydata import Model, Tokenize
 
-    batch = {"query": np.array(queries + queries, dtype=object), "passage": np.array(passages + passages[::-1], dtype=object)}
+    batch = {"query": np.array(queries + queries, dtype=object),
+             "passage": np.array(passages + passages[::-1], dtype=object)}
     tokenized = Tokenize(str(artifact), column="query", pair_column="passage")(batch)
     scored = Model(str(artifact), pair_column="passage")(tokenized)
     assert np.abs(scored["score"] - want).max() < 0.02 * spread, np.abs(scored["score"] - want).max()

@@ -192,7 +192,7 @@ class Build:
         if passed:
             self.progress.line(line)
         else:
-            self.progress.error(f"{line}\n  first failing check: {first_failure(manifest)}")
+            self._say_failed(line, manifest)
         return BuildResult(published, passed, False, manifest)
 
     @cached_property
@@ -235,9 +235,13 @@ class Build:
         if passed:
             remove_owned(self.failed_artifact, self.recipe.model.name)
         else:
-            self.progress.error(f"FAILED  {self.artifact}  (unchanged recipe; report: {self.artifact / REPORT_FILES[1]})"
-                                f"\n  first failing check: {first_failure(manifest)}")
+            self._say_failed(f"FAILED  {self.artifact}  (unchanged recipe; report: {self.artifact / REPORT_FILES[1]})",
+                             manifest)
         return BuildResult(self.artifact, passed, True, manifest)
+
+    def _say_failed(self, line: str, manifest: dict[str, Any]) -> None:
+        """A failed gate is an error, said even under --quiet: the verdict and the first breach."""
+        self.progress.error(f"{line}\n  first failing check: {_first_failure(manifest)}")
 
     def _published_if_current(self) -> dict[str, Any] | None:
         """The published manifest, if this build would write it as it is: the same build key, the
@@ -539,9 +543,10 @@ def _parity_summary(result: dict[str, Any]) -> str:
     return f"{result['status']} (max abs error {worst:.2g} over {len(rows)} output/shape checks)"
 
 
-def first_failure(manifest: dict[str, Any]) -> str:
-    """The first failing parity check of a manifest, in a line: its stage, and its error or its
-    first breached output with the breach."""
+def _first_failure(manifest: dict[str, Any]) -> str:
+    """The first failing parity check of a failed manifest, in a line: its stage, and its error or
+    its first breached output with the breach ("none checked" where nothing was: read_manifest
+    holds the verdict to its results)."""
     for result in manifest["parity"]["results"]:
         if not result["checked"] or result["passed"]:
             continue
@@ -551,4 +556,4 @@ def first_failure(manifest: dict[str, Any]) -> str:
         if row is None:
             return f"{result['stage']}: no output compared"
         return f"{result['stage']}: {row['output']} at the {row['shape_label']} shape: {'; '.join(row['failures'])}"
-    return "none checked" if not any(r["checked"] for r in manifest["parity"]["results"]) else "none"
+    return "none checked"

@@ -109,19 +109,17 @@ class Tokenize:
                 good.append(i)
         truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
         out = {PROBLEM: np.array(problems, dtype=object), TRUNCATED: truncated, LENGTH: lengths}
-        if texts:
-            tokens = self.tokenizer.encode(texts)
+        tokens = self.tokenizer.encode(texts) if texts else None
+        if tokens is not None:
             truncated[good], lengths[good] = tokens.truncated, tokens.lengths
-            real = np.arange(max(1, lengths.max()))[None, :] < lengths[:, None]  # row-major: the ids in order
-            out[IDS] = np.zeros(real.shape, np.int32)
+        real = np.arange(max(1, lengths.max(initial=0)))[None, :] < lengths[:, None]  # row-major: ids in order
+        out[IDS] = np.zeros(real.shape, np.int32)
+        if self.pair_column:  # every block of a pair job has them, so that the blocks' columns agree
+            out[TYPES] = np.zeros(real.shape, np.int8)
+        if tokens is not None:
             out[IDS][real] = tokens.ids
-            if self.pair_column:  # every block of a pair job has them, so that the blocks' columns agree
-                out[TYPES] = np.zeros(real.shape, np.int8)
-                out[TYPES][real] = 0 if tokens.type_ids is None else tokens.type_ids
-        else:
-            out[IDS] = np.zeros((n, 1), np.int32)
-            if self.pair_column:
-                out[TYPES] = np.zeros((n, 1), np.int8)
+            if self.pair_column and tokens.type_ids is not None:
+                out[TYPES][real] = tokens.type_ids
         if self.id_column:
             out[ID] = np.array([None if v is None else str(v) for v in batch[self.id_column]], dtype=object)
         return out
