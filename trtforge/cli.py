@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from trtforge import __version__
+from trtforge import __version__, interrupts
 from trtforge.checks import seconds
 from trtforge.errors import TrtforgeError, os_error_message
 from trtforge.triton import MAX_GPUS
@@ -41,6 +41,7 @@ def _fail(message: str, code: int) -> None:
 
 
 # What a file-system refusal asks the user to change, by command (see errors.os_error_message).
+INTERRUPTED = "interrupted; the published artifact is unchanged (partial work was discarded)"
 OS_FIX_TARGETS = {"build": "--out", "bench": "--out or --results", "export_triton": "REPO", "run": "--out"}
 
 
@@ -50,17 +51,22 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
         try:
-            return fn(*args, **kwargs)
-        except TrtforgeError as e:
-            if verbose:
-                traceback.print_exc()
-            _fail(str(e), e.exit_code)
-        except OSError as e:  # the disk or the file system said no: bad environment, not a trtforge bug
-            if verbose:
-                traceback.print_exc()
-            _fail(os_error_message(e, OS_FIX_TARGETS.get(fn.__name__)), 2)
+            with interrupts.watching():
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            _fail("interrupted; the published artifact is unchanged (partial work was discarded)", 130)
+            _fail(INTERRUPTED, 130)
+        except Exception as e:
+            if interrupts.received() and getattr(e, "exit_code", None) != 130:
+                _fail(INTERRUPTED, 130)  # a library swallowed Ctrl-C and raised an error of its own
+            if isinstance(e, TrtforgeError):
+                if verbose:
+                    traceback.print_exc()
+                _fail(str(e), e.exit_code)
+            if isinstance(e, OSError):  # the disk or the file system said no: bad environment, not a bug
+                if verbose:
+                    traceback.print_exc()
+                _fail(os_error_message(e, OS_FIX_TARGETS.get(fn.__name__)), 2)
+            raise
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

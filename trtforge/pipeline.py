@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from trtforge import __version__
+from trtforge import __version__, interrupts
 from trtforge.compare import ParityResult
 from trtforge.errors import EnvironmentProblem, TrtforgeError, os_error_message
 from trtforge.models import LoadedModel, source_fingerprint
@@ -308,6 +308,8 @@ class Build:
         except (TrtforgeError, OSError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:
+            if interrupts.received():  # the library swallowed Ctrl-C: this is an interruption, not a failure
+                raise KeyboardInterrupt from e
             if self.progress.verbose:
                 import traceback
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from trtforge import __version__
+from trtforge import __version__, interrupts
 from trtforge.errors import TrtforgeError
 from trtforge.job.inputs import InputError, Source
 from trtforge.job.output import SCHEMA, RunDir, fingerprint
@@ -124,7 +124,7 @@ def run_job(artifact: Path, input_path: Path, out: Path, options: Options, strea
     except BaseException as e:
         if not run.record["shards"]:  # nothing to resume from: leave nothing behind
             run.abandon(made)
-        if not isinstance(e, KeyboardInterrupt):
+        if not (isinstance(e, KeyboardInterrupt) or interrupts.received()):
             raise
         raise Interrupted(f"interrupted; {len(run.record['shards'])} shard(s) are written and recorded in {out}/_run.json: "
                           "run the same command again to resume") from None
