@@ -35,6 +35,10 @@ def test_each_kind_of_model_builds_with_parity(tmp_path, tiny_recipe, arch):
                                       "reports/parity.md", "reports/parity.junit.xml"}
     assert verify_files(artifact, manifest) == []
     assert manifest["stages"]["export"]["status"] == "done"
+    for gate in ("validate", "fp16"):  # which runtime judged each ONNX gate, and that it ran the graph as written
+        assert manifest["stages"][gate]["checked_with"] == {
+            "runtime": f"onnxruntime {manifest['versions']['onnxruntime']}", "provider": "CPUExecutionProvider",
+            "graph_optimization": "basic"}
     assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
     assert manifest["model"]["fingerprint"]["kind"] == "random"
     assert manifest["io"]["inputs"][0]["axes"][0] == "batch"

@@ -33,6 +33,7 @@ from trtforge.stages.engines import outcome as engine_outcome
 from trtforge.stages.engines import plan as plan_engines
 from trtforge.stages.engines import run_workers as run_engine_workers
 from trtforge.manifest import SCHEMA, read_manifest, verify_files
+from trtforge.stages.validate import GATE_OPTIMIZATION
 from trtforge.store import (FAILED_SUFFIX, RESULT, StageCache, key_of, publish, refuse_unowned, remove_leftovers,
                             remove_owned, sha256_file, write_json_atomic)
 from trtforge.tokens import TEXT_CONFIG, TOKENIZER_DIR
@@ -120,7 +121,7 @@ class Build:
         model.pop("source")
         export = key_of("export", self.fingerprint, model, asdict(r.export),
                         [v[t] for t in ("trtforge", "torch", "transformers", "onnx", "onnxscript")])
-        checked_with = [v[t] for t in ("onnxruntime", "polygraphy", "numpy")]
+        checked_with = [v[t] for t in ("onnxruntime", "polygraphy", "numpy")] + [GATE_OPTIMIZATION]
         validate = key_of("validate", export, asdict(r.shapes), asdict(r.validate), checked_with)
         fp16 = key_of("fp16", export, asdict(r.shapes), r.validate.seed, asdict(r.fp16), checked_with)
         keys = {"export": export, "validate": validate}
@@ -536,7 +537,10 @@ def _undo_if_refused(out_dir: Path, cache_root: Path) -> Iterator[None]:
 
 
 def _record(result: dict[str, Any]) -> dict[str, Any]:
-    return {"status": result.get("status"), "duration_s": result.get("duration_s"), "key": result.get("key")}
+    record = {"status": result.get("status"), "duration_s": result.get("duration_s"), "key": result.get("key")}
+    if "checked_with" in result:  # the ONNX gates: which runtime judged the graph, and how
+        record["checked_with"] = result["checked_with"]
+    return record
 
 
 def _parity_summary(result: dict[str, Any]) -> str:

@@ -78,3 +78,45 @@ def test_per_output_tolerance_overrides_the_default():
     loose = Tolerance(atol=1e-3, rtol=1e-4, outputs={"logits": (0.02, 0.0)})
     assert not compare(_runner("ref", _ref), [off], feeds, tolerance=strict)[0].passed
     assert compare(_runner("ref", _ref), [off], feeds, tolerance=loose)[0].passed
+
+
+def _rms_norm_graph(path, dtype=onnx.TensorProto.FLOAT16) -> None:
+    """RMSNorm as an exporter writes it (Pow, ReduceMean, Add, Sqrt, Div, Mul): ONNX Runtime fuses this
+    into a SimplifiedLayerNormalization kernel of its own at its default optimization level."""
+    h = onnx.helper
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    consts = [numpy_helper.from_array(np.array(v, np_type), n)
+              for n, v in (("two", 2.0), ("eps", 1e-6), ("weight", np.linspace(0.5, 1.5, 16)))]
+    consts.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    nodes = [h.make_node("Pow", ["x", "two"], ["sq"]), h.make_node("ReduceMean", ["sq", "axes"], ["mean"]),
+             h.make_node("Add", ["mean", "eps"], ["var"]), h.make_node("Sqrt", ["var"], ["rms"]),
+             h.make_node("Div", ["x", "rms"], ["normed"]), h.make_node("Mul", ["normed", "weight"], ["y"])]
+    graph = h.make_graph(nodes, "rms", [h.make_tensor_value_info("x", dtype, ["batch", "sequence", 16])],
+                         [h.make_tensor_value_info("y", dtype, ["batch", "sequence", 16])], consts)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+
+
+def test_the_onnx_gates_judge_the_graph_as_written_not_a_runtimes_fusion_of_it(tmp_path):
+    """ONNX Runtime 1.30-1.31's fused FP16 RMSNorm on the CPU is 40x less accurate than the graph it
+    replaces: a gate that let the runtime fuse would judge the runtime's kernel, not the graph."""
+    import onnxruntime as ort
+
+    from trtforge.stages.validate import gate_options, gate_session
+
+    _rms_norm_graph(tmp_path / "rms.onnx")
+
+    def ops_run(options) -> set[str]:
+        options.optimized_model_filepath = str(tmp_path / "seen.onnx")
+        options.log_severity_level = 3  # not the warning about saving a level-3 graph
+        ort.InferenceSession(str(tmp_path / "rms.onnx"), options, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(str(tmp_path / "seen.onnx")).graph.node}
+
+    assert "SimplifiedLayerNormalization" in ops_run(ort.SessionOptions())  # what the default would judge
+    seen = ops_run(gate_options())  # the graph's own ops (and the casts the CPU provider puts around them)
+    assert "SimplifiedLayerNormalization" not in seen and {"Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"} <= seen
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float16)
+    [y] = gate_session(tmp_path / "rms.onnx").run(None, {"x": x})
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * np.linspace(0.5, 1.5, 16)
+    assert np.abs(y - want).max() < 1e-2

@@ -22,7 +22,7 @@ import numpy as np
 from trtforge.compare import Feed, ParityResult
 from trtforge.errors import TrtforgeError
 from trtforge.recipe import FP16Spec
-from trtforge.stages.validate import Reference, validate_onnx
+from trtforge.stages.validate import Reference, gate_session, validate_onnx
 
 FP16_MAX = 65504.0
 CANDIDATE = "onnx-fp16"
@@ -188,10 +188,7 @@ def make_fp16(fp32: Path, out: Path, reference: Reference, spec: FP16Spec) -> FP
 
 def _worst_rows(feed: Feed, ref: np.ndarray, output: str, fp16: Path, limit: int = 2) -> Feed:
     """The rows of a feed where the FP16 graph is furthest off (a smaller feed for the intermediates)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
-    got = session.run([output], feed)[0].astype(np.float64)
+    got = gate_session(fp16).run([output], feed)[0].astype(np.float64)
     err = np.abs(got - ref)
     if "attention_mask" in feed and err.ndim >= 2 and err.shape[:2] == feed["attention_mask"].shape:
         err = err * feed["attention_mask"].reshape(err.shape[:2] + (1,) * (err.ndim - 2))

@@ -59,14 +59,15 @@ def _io(spec: Any, values: Any) -> dict[str, Any]:
 
 
 def validate(build: BuildContext, fp32: Path) -> dict[str, Any]:
-    from trtforge.stages.validate import validate_onnx
+    from trtforge.stages.validate import gate_record, validate_onnx
 
     parity = validate_onnx(fp32, build.reference, tolerance=build.recipe.validate.tolerance, name="onnx-fp32")
-    return {"status": "passed" if parity.passed else "failed", "parity": parity.as_dict()}
+    return {"status": "passed" if parity.passed else "failed", "parity": parity.as_dict(), "checked_with": gate_record()}
 
 
 def fp16(build: BuildContext, fp32: Path, scratch: Path) -> dict[str, Any]:
     from trtforge.stages.fp16 import make_fp16
+    from trtforge.stages.validate import gate_record
 
     result = make_fp16(fp32, scratch / "model.fp16.onnx", build.reference, build.recipe.fp16)
     for round_ in result.rounds:
@@ -78,4 +79,5 @@ def fp16(build: BuildContext, fp32: Path, scratch: Path) -> dict[str, Any]:
         "kept_ops": result.kept_ops,
         "kept_nodes": result.kept_nodes,
         "rounds": [asdict(r) for r in result.rounds],
+        "checked_with": gate_record(),
     }
