@@ -435,6 +435,33 @@ def test_engine_workers_die_with_their_build(copy, how):
     assert _gone(worker), "the engine worker outlived its build"
 
 
+def test_ctrl_c_that_a_stage_swallowed_and_carried_on_from_still_stops_the_build(tmp_path, tiny_recipe, monkeypatch):
+    """A library that catches KeyboardInterrupt and goes on (Polygraphy's lazy imports do) must not turn
+    Ctrl-C into a build that finishes: the stage stops, nothing of it is cached, nothing is published."""
+    from trtforge.stages import steps
+
+    recipe, out = tiny_recipe("bert"), tmp_path / "out"
+    validate = steps.validate
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        except:  # noqa: E722 -- the library's bare except, reproduced
+            pass
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "validate", swallowing)
+    code, _, stderr = cli("build", str(recipe), "--out", str(out))
+    assert code == 130 and stderr.strip().splitlines()[-1].startswith("error: interrupted;"), stderr
+    assert not (out / "tiny-bert").exists()
+
+    monkeypatch.setattr(steps, "validate", validate)
+    assert cli("build", str(recipe), "--out", str(out))[0] == 0
+    stages = read_manifest(out / "tiny-bert")["stages"]
+    assert stages["export"]["cached"] and not stages["validate"]["cached"]  # the interrupted stage ran again
+
+
 def test_a_waiting_build_says_for_whom_and_gives_up(copy):
     recipe, out = copy
     lock_path = out / ".trtforge" / "tiny-bert" / "lock"

@@ -318,6 +318,8 @@ class Build:
             reason = (str(e).strip().splitlines() or [""])[0][:300] or "no message"
             raise StageFailed(f"{self.recipe.model.name}: the {stage} stage failed ({type(e).__name__}: {reason}); "
                               "nothing was published (-v shows the traceback)") from e
+        if interrupts.received():  # swallowed, and the library went on as if nothing happened: stop here
+            raise KeyboardInterrupt
 
     def _run_stages(self) -> tuple[dict[str, Path], list[tuple[str, ParityResult]]]:
         from trtforge.stages import steps as stages
