@@ -184,6 +184,27 @@ def test_an_interrupted_ray_run_resumes_keeping_its_shards_to_the_single_host_ou
     np.testing.assert_allclose(vectors(b.column("embedding")), vectors(a.column("embedding")), atol=1e-6)
 
 
+def test_a_resumed_ray_job_does_not_read_again_the_parquet_files_it_wrote_every_row_of(tmp_path):
+    from trtforge.job.inputs import Source
+    from trtforge.job.raydata import unread
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, rows in (("a", 300), ("b", 0), ("c", 300), ("d", 400)):
+        parquet_input(folder / f"{name}.parquet", texts(rows, seed=1) if rows else [])
+    source = Source.open(folder, max_chars=1000)
+    a, b, c, d = source.files
+    assert unread(source, 0) == ([a, b, c, d], 0)
+    assert unread(source, 299) == ([a, b, c, d], 0)  # a file partly written is read again, its rows counted off
+    assert unread(source, 300) == ([c, d], 300)  # the empty file goes with the written one before it
+    assert unread(source, 600) == ([d], 600)
+    assert unread(source, 1000) == ([], 1000)
+
+    (tmp_path / "t.txt").write_text("one\ntwo\n")
+    text = Source.open(tmp_path / "t.txt", max_chars=1000)
+    assert unread(text, 1) == (text.files, 0)  # lines are counted only by reading them
+
+
 def test_every_actor_refuses_a_tampered_artifact_in_its_constructor(minilm, tmp_path):  # noqa: F811
     """Model (the inference actor, also users' map_batches class) and Tokenize load the artifact
     through the checked loader: a changed engine or tokenizer is refused before any row, on every

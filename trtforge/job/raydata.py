@@ -240,7 +240,7 @@ class RayPipeline:
         meter.line(f"  Ray at {address}: {self.infer_actors} inference actor(s) on "
                    f"{'GPUs' if self.gpus else 'CPUs'}, {self.tokenize_actors} tokenizing actor(s)")
 
-    def dataset(self, source: Source, prefix: str) -> Any:
+    def dataset(self, source: Source, prefix: str, files: list[Path] | None = None) -> Any:
         import ray
 
         context = ray.data.DataContext.get_current()
@@ -251,7 +251,7 @@ class RayPipeline:
             raise InputError(f"--ray reads one format at a time of {', '.join(READERS)}; {source.files[0].parent} "
                              f"holds {', '.join(sorted(kinds))}: convert it, or run without --ray")
         kind = next(iter(kinds))
-        files = [str(f) for f in source.files]
+        files = [str(f) for f in (source.files if files is None else files)]
         o = self.options
         if kind == "text":
             ds = ray.data.read_text(files, drop_empty_lines=False)
@@ -276,10 +276,13 @@ class RayPipeline:
 
     def run(self, source: Source, shard_rows: int, start: int, policy: str, prefix: str, out: Any, kind: str,
             width: int, text: dict) -> None:
-        skip = start * shard_rows  # rows already written: computed again, not written again
-        number, index = 0, start
+        files, number = unread(source, start * shard_rows)
+        if not files:  # every row was written before the job stopped
+            return
+        skip = start * shard_rows - number  # rows already written in the files read: computed again, not written
+        index = start
         pending: dict[str, list] = {}
-        dataset = self.dataset(source, prefix)
+        dataset = self.dataset(source, prefix, files)
         for batch in dataset.iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy"):
             n = len(batch[PROBLEM])
             for name, values in batch.items():
@@ -330,6 +333,23 @@ class RayPipeline:
 
         if self.started_here:
             ray.shutdown()
+
+
+def unread(source: Source, written: int) -> tuple[list[Path], int]:
+    """The files a resumed job reads, and how many rows come before them: Parquet files whose rows are
+    all among the `written` ones (their metadata counts them) are not read, tokenized and inferred
+    again. Other formats are read from their start and the rows written counted off."""
+    if not written or any(kind != "parquet" for kind in source.formats):
+        return list(source.files), 0
+    import pyarrow.parquet as pq
+
+    before = 0
+    for i, file in enumerate(source.files):
+        rows = pq.ParquetFile(file).metadata.num_rows
+        if before + rows > written:
+            return source.files[i:], before
+        before += rows
+    return [], before
 
 
 def _split(pending: dict[str, list], rows: int) -> tuple[dict[str, np.ndarray], dict[str, list]]:
