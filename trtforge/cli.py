@@ -40,8 +40,8 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-# What a file-system refusal asks the user to change, by command (see errors.os_error_message).
 INTERRUPTED = "interrupted; the published artifact is unchanged (partial work was discarded)"
+# What a file-system refusal asks the user to change, by command (see errors.os_error_message).
 OS_FIX_TARGETS = {"build": "--out", "bench": "--out or --results", "export_triton": "REPO", "run": "--out"}
 
 
