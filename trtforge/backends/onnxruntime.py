@@ -95,7 +95,7 @@ class OnnxruntimeBackend(Backend):
 
     @property
     def candidates(self) -> tuple[str, ...]:
-        """Graphs the worker builds, checks and times, keeping the fastest that passes. On a CPU, FP16
+        """Graphs the worker builds, checks and times (worker.pick keeps one). On a CPU, FP16
         is no faster than FP32 (ONNX Runtime's CPU kernels mostly compute in FP32 and add casts) and
         is less precise, so both validated graphs compete; on a GPU there is one, fused FP16 graph."""
         return ("fp32", "fp16") if self.provider == "cpu" else ("",)
