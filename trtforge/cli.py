@@ -58,15 +58,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             if interrupts.received() and getattr(e, "exit_code", None) != 130:
                 _fail(INTERRUPTED, 130)  # a library swallowed Ctrl-C and raised an error of its own
+            if not isinstance(e, (TrtforgeError, OSError)):
+                raise
+            if verbose:
+                traceback.print_exc()
             if isinstance(e, TrtforgeError):
-                if verbose:
-                    traceback.print_exc()
                 _fail(str(e), e.exit_code)
-            if isinstance(e, OSError):  # the disk or the file system said no: bad environment, not a bug
-                if verbose:
-                    traceback.print_exc()
-                _fail(os_error_message(e, OS_FIX_TARGETS.get(fn.__name__)), 2)
-            raise
+            _fail(os_error_message(e, OS_FIX_TARGETS.get(fn.__name__)), 2)  # the disk or file system said no
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

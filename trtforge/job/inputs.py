@@ -72,11 +72,16 @@ class Source:
 
     def known_rows(self) -> int | None:
         """The number of rows where the formats say it without reading (Parquet), else None."""
+        counts = self.parquet_rows()
+        return None if counts is None else sum(counts)
+
+    def parquet_rows(self) -> list[int] | None:
+        """Each file's rows, from the Parquet metadata; None unless every file is Parquet."""
         if any(kind != "parquet" for kind in self.formats):
             return None
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        return [pq.ParquetFile(f).metadata.num_rows for f in self.files]
 
     def rows(self, skip: int = 0) -> Iterator[Row]:
         """Every row in order, from global row `skip` on (the rows before are counted off, not

@@ -112,7 +112,7 @@ class Tokenize:
         tokens = self.tokenizer.encode(texts) if texts else None
         if tokens is not None:
             truncated[good], lengths[good] = tokens.truncated, tokens.lengths
-        real = np.arange(max(1, lengths.max(initial=0)))[None, :] < lengths[:, None]  # row-major: ids in order
+        real = _real(lengths, max(1, lengths.max(initial=0)))  # row-major: ids in order
         out[IDS] = np.zeros(real.shape, np.int32)
         if self.pair_column:  # every block of a pair job has them, so that the blocks' columns agree
             out[TYPES] = np.zeros(real.shape, np.int8)
@@ -195,7 +195,12 @@ def _unpadded(padded: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     if padded.dtype == object:
         rows = [np.asarray(row)[:k] for row, k in zip(padded, lengths)]
         return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-    return padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]].astype(np.int64)
+    return padded[_real(lengths, padded.shape[1])].astype(np.int64)
+
+
+def _real(lengths: np.ndarray, width: int) -> np.ndarray:
+    """Which places of a (rows, width) padded block hold row i's first lengths[i] values."""
+    return np.arange(width)[None, :] < lengths[:, None]
 
 
 def _spread(values: np.ndarray, good: list[int], n: int) -> np.ndarray:
@@ -339,13 +344,11 @@ def unread(source: Source, written: int) -> tuple[list[Path], int]:
     """The files a resumed job reads, and how many rows come before them: Parquet files whose rows are
     all among the `written` ones (their metadata counts them) are not read, tokenized and inferred
     again. Other formats are read from their start and the rows written counted off."""
-    if not written or any(kind != "parquet" for kind in source.formats):
+    counts = source.parquet_rows() if written else None
+    if counts is None:
         return list(source.files), 0
-    import pyarrow.parquet as pq
-
     before = 0
-    for i, file in enumerate(source.files):
-        rows = pq.ParquetFile(file).metadata.num_rows
+    for i, rows in enumerate(counts):
         if before + rows > written:
             return source.files[i:], before
         before += rows

@@ -256,7 +256,6 @@ def _float_tensors(path: Path) -> set[str]:
 
 def _run_with_intermediates(path: Path, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
     existing = {o.name for o in model.graph.output}
@@ -265,5 +264,4 @@ def _run_with_intermediates(path: Path, names: list[str], feed: Feed) -> dict[st
     computed = {o for node in model.graph.node for o in node.output} | existing
     present = [n for n in names if n in computed]
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in present if n not in existing)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(present, session.run(present, feed)))
+    return dict(zip(present, gate_session(model.SerializeToString()).run(present, feed)))

@@ -122,14 +122,16 @@ def gate_options() -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{GATE_OPTIMIZATION.upper()}")
     return options
 
 
-def gate_session(path: Path) -> Any:
+def gate_session(graph: Path | bytes) -> Any:
+    """A CPU session over the graph as written: a file, or a serialized model."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), gate_options(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), gate_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def gate_record() -> dict[str, str]:
