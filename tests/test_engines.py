@@ -199,12 +199,13 @@ def test_first_build_and_rebuild_agree_on_engine_keys(write_recipe):
 def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_attention(write_recipe, tmp_path, arch, packs):
     """The onnxruntime-cuda build (graph work only: it runs here without a GPU) writes the fused graph
     and, for an encoder, its packing-mode twin with the same inputs and outputs; a decoder's causal
-    attention is not covered, and the build says why. (The twin's parity and timing need CUDA:
+    attention is not covered, the build says why, and the engine worker, which loads what the build
+    wrote to check it, looks for no twin there. (The twin's parity and timing need CUDA:
     PackedAttention has no CPU kernel; see tests/test_gpu.py.)"""
     import onnx
 
     from trtforge.backends.base import BuildJob
-    from trtforge.backends.onnxruntime import PACKED_FILE, OnnxruntimeBackend
+    from trtforge.backends.onnxruntime import PACKED_FILE, OnnxruntimeBackend, packed_graph
 
     _, result = build(write_recipe, arch, CPU)
     manifest = result.manifest
@@ -220,7 +221,9 @@ def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_at
     fused = onnx.load(str(out / "model.onnx"))
     if not packs:
         assert "fused no attention" in built["packed"]["skipped"] and not (out / PACKED_FILE).exists()
+        assert packed_graph(out, {"status": "unchecked"}) == (None, None)
         return
+    assert packed_graph(out, {"status": "unchecked"}) == (out / PACKED_FILE, None)  # the worker checks it
     assert built["fused"].get("Attention") == 2 and built["packed"] == {"file": PACKED_FILE, "packed_attention_nodes": 2}
     packed = onnx.load(str(out / PACKED_FILE))
     ops = [n.op_type for n in packed.graph.node]

@@ -109,11 +109,23 @@ class OnnxruntimeBackend(Backend):
 
     def load(self, engine_dir: Path, entry: dict[str, Any], device: str) -> Engine:
         packed = entry.get("packed") or {}
-        usable = packed.get("status") == "passed" and (engine_dir / PACKED_FILE).is_file()
+        graph, rule = packed_graph(engine_dir, packed)
         return OnnxruntimeEngine(engine_dir / self.engine_file, device=device, outputs=entry["io"]["outputs"],
                                  cuda_graph=bool(entry.get("options", {}).get("cuda_graph", False)),
-                                 packed=engine_dir / PACKED_FILE if usable or packed.get("status") == "unchecked" else None,
-                                 packed_rule=packed_rule(packed) if usable else None)
+                                 packed=graph, packed_rule=rule)
+
+
+def packed_graph(engine_dir: Path, packed: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+    """The padding-free twin an engine loads, and the rule for when it serves: the checked twin with
+    its rule; at build time (status "unchecked": the engine worker loads it to check it) the twin
+    where the build wrote one, which it does not for graphs without fused attention (decoders,
+    vision models); otherwise none."""
+    path = engine_dir / PACKED_FILE
+    if not path.is_file():
+        return None, None
+    if packed.get("status") == "passed":
+        return path, packed_rule(packed)
+    return (path, None) if packed.get("status") == "unchecked" else (None, None)
 
 
 def packed_rule(packed: dict[str, Any]) -> dict[str, Any] | None:
