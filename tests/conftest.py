@@ -21,6 +21,9 @@ TINY = {
                    "max_position_embeddings = 64 }"),
     "gpt2": ("causal-lm", "sequence",
              "{ n_layer = 2, n_embd = 32, n_head = 2, vocab_size = 1000, n_positions = 64 }"),
+    "qwen2": ("feature-extraction", "sequence",
+              "{ num_hidden_layers = 2, hidden_size = 32, num_attention_heads = 2, num_key_value_heads = 2, "
+              "intermediate_size = 64, vocab_size = 1000, max_position_embeddings = 64 }"),
     "roberta": ("token-classification", "sequence",
                 "{ num_hidden_layers = 2, hidden_size = 32, num_attention_heads = 2, intermediate_size = 64, "
                 "vocab_size = 1000, max_position_embeddings = 64, num_labels = 5 }"),

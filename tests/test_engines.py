@@ -238,6 +238,37 @@ def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_at
     assert [t for _, t, _ in io(packed)] == [t for _, t, _ in io(fused)]  # a drop-in: same names and types
 
 
+def test_the_cuda_graph_of_a_rotary_decoder_serves_batches_larger_than_one(write_recipe, tmp_path):
+    """ONNX Runtime's RotaryEmbedding fusion takes position ids of the batch's size, and the export's
+    are one row broadcast to every sequence: a fused rotary graph fails at any batch above one (as
+    the Qwen2 embedder's CUDA engine did on an H100 with transformers 5.17's rotary pattern). The
+    CUDA build leaves rotary unfused; its graph runs here on ONNX Runtime's CPU kernels, a batch of
+    three against the validated FP32 graph."""
+    import onnx
+
+    from trtforge.backends.base import BuildJob
+    from trtforge.backends.onnxruntime import OnnxruntimeBackend
+
+    _, result = build(write_recipe, "qwen2", CPU)
+    manifest, out = result.manifest, tmp_path / "cuda-engine"
+    out.mkdir()
+    job = BuildJob(backend="onnxruntime-cuda", target={"name": "h100"}, fp32_onnx=str(result.artifact / "model.onnx"),
+                   fp16_onnx=str(result.artifact / "model.fp16.onnx"), out_dir=str(out), inputs=[],
+                   outputs=manifest["io"]["outputs"], shapes=manifest["shapes"],
+                   options={"architecture": "qwen2", "num_heads": 2, "hidden_size": 32})
+    with (out / "build.log").open("w") as log:
+        built = OnnxruntimeBackend("cuda").build(job, log)
+    assert "RotaryEmbedding" not in built["fused"]
+    assert "RotaryEmbedding" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    ids = np.random.default_rng(0).integers(1, 1000, size=(3, 9))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    cpu = ["CPUExecutionProvider"]
+    want = ort.InferenceSession(str(result.artifact / "model.onnx"), providers=cpu).run(None, feed)[0]
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=cpu).run(None, feed)[0]
+    assert got.shape == want.shape == (3, 9, 32)
+    assert np.abs(got.astype(np.float32) - want).max() < 0.05  # FP16 against FP32
+
+
 def test_the_packed_graph_serves_only_chunks_as_large_and_as_padded_as_where_it_was_measured_to_win():
     """Length-aware batching leaves little padding in small chunks, where the fused graph's CUDA
     graphs win: the packed graph serves from the rule's batch and padded size (rows x width) on, and

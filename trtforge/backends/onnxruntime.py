@@ -168,15 +168,21 @@ def packed_serves(rows: int, width: int, rule: dict[str, Any] | None, real_token
 
 
 def fuse_and_convert(job: BuildJob, out: Path, log: Any) -> dict[str, Any]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     from trtforge.stages.fp16 import clamp_constants
 
     options = job.options
     model_type = OPTIMIZER_MODEL_TYPE.get(options.get("architecture") or "", "bert")
+    fusions = FusionOptions(model_type)
+    # Its RotaryEmbedding takes position ids of the batch's size; the export's are one row broadcast
+    # to every sequence, so a fused rotary graph fails at any batch above one (seen with the rotary
+    # pattern transformers 5.17 exports, on an H100: results/2026-12-07-h100-st-gpu).
+    fusions.enable_rotary_embeddings = False
     optimized = optimize_model(job.fp32_onnx, model_type=model_type, num_heads=int(options.get("num_heads", 0)),
-                               hidden_size=int(options.get("hidden_size", 0)), opt_level=0, use_gpu=True,
-                               only_onnxruntime=False)
+                               hidden_size=int(options.get("hidden_size", 0)), optimization_options=fusions,
+                               opt_level=0, use_gpu=True, only_onnxruntime=False)
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     optimized.convert_float_to_float16(keep_io_types=True, op_block_list=list(options.get("keep_fp32_ops", [])))
     clamp_constants(optimized.model)
