@@ -195,6 +195,21 @@ def test_first_build_and_rebuild_agree_on_engine_keys(write_recipe):
     assert again.up_to_date and again.manifest["build_key"] == first.manifest["build_key"]
 
 
+def cuda_graph_build(result, arch, out):
+    """The onnxruntime-cuda build's graph work (no GPU needed) on a built artifact's ONNX, into `out`."""
+    from trtforge.backends.base import BuildJob
+    from trtforge.backends.onnxruntime import OnnxruntimeBackend
+
+    out.mkdir()
+    manifest = result.manifest
+    job = BuildJob(backend="onnxruntime-cuda", target={"name": "h100"}, fp32_onnx=str(result.artifact / "model.onnx"),
+                   fp16_onnx=str(result.artifact / "model.fp16.onnx"), out_dir=str(out),
+                   inputs=[], outputs=manifest["io"]["outputs"], shapes=manifest["shapes"],
+                   options={"architecture": arch, "num_heads": 2, "hidden_size": 32})
+    with (out / "build.log").open("w") as log:
+        return out, OnnxruntimeBackend("cuda").build(job, log)
+
+
 @pytest.mark.parametrize("arch, packs", [("bert", True), ("gpt2", False)])
 def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_attention(write_recipe, tmp_path, arch, packs):
     """The onnxruntime-cuda build (graph work only: it runs here without a GPU) writes the fused graph
@@ -204,20 +219,10 @@ def test_the_cuda_engine_gets_a_padding_free_twin_where_onnxruntime_packs_the_at
     PackedAttention has no CPU kernel; see tests/test_gpu.py.)"""
     import onnx
 
-    from trtforge.backends.base import BuildJob
-    from trtforge.backends.onnxruntime import PACKED_FILE, OnnxruntimeBackend, packed_graph
+    from trtforge.backends.onnxruntime import PACKED_FILE, packed_graph
 
     _, result = build(write_recipe, arch, CPU)
-    manifest = result.manifest
-    out = tmp_path / "cuda-engine"
-    out.mkdir()
-    export = manifest["io"]
-    job = BuildJob(backend="onnxruntime-cuda", target={"name": "h100"}, fp32_onnx=str(result.artifact / "model.onnx"),
-                   fp16_onnx=str(result.artifact / "model.fp16.onnx"), out_dir=str(out),
-                   inputs=[], outputs=export["outputs"], shapes=manifest["shapes"],
-                   options={"architecture": arch, "num_heads": 2, "hidden_size": 32})
-    with (out / "build.log").open("w") as log:
-        built = OnnxruntimeBackend("cuda").build(job, log)
+    out, built = cuda_graph_build(result, arch, tmp_path / "cuda-engine")
     fused = onnx.load(str(out / "model.onnx"))
     if not packs:
         assert "fused no attention" in built["packed"]["skipped"] and not (out / PACKED_FILE).exists()
@@ -246,18 +251,8 @@ def test_the_cuda_graph_of_a_rotary_decoder_serves_batches_larger_than_one(write
     three against the validated FP32 graph."""
     import onnx
 
-    from trtforge.backends.base import BuildJob
-    from trtforge.backends.onnxruntime import OnnxruntimeBackend
-
     _, result = build(write_recipe, "qwen2", CPU)
-    manifest, out = result.manifest, tmp_path / "cuda-engine"
-    out.mkdir()
-    job = BuildJob(backend="onnxruntime-cuda", target={"name": "h100"}, fp32_onnx=str(result.artifact / "model.onnx"),
-                   fp16_onnx=str(result.artifact / "model.fp16.onnx"), out_dir=str(out), inputs=[],
-                   outputs=manifest["io"]["outputs"], shapes=manifest["shapes"],
-                   options={"architecture": "qwen2", "num_heads": 2, "hidden_size": 32})
-    with (out / "build.log").open("w") as log:
-        built = OnnxruntimeBackend("cuda").build(job, log)
+    out, built = cuda_graph_build(result, "qwen2", tmp_path / "cuda-engine")
     assert "RotaryEmbedding" not in built["fused"]
     assert "RotaryEmbedding" not in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     ids = np.random.default_rng(0).integers(1, 1000, size=(3, 9))

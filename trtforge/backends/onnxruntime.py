@@ -120,12 +120,10 @@ def packed_graph(engine_dir: Path, packed: dict[str, Any]) -> tuple[Path | None,
     its rule; at build time (status "unchecked": the engine worker loads it to check it) the twin
     where the build wrote one, which it does not for graphs without fused attention (decoders,
     vision models); otherwise none."""
-    path = engine_dir / PACKED_FILE
-    if not path.is_file():
+    path, status = engine_dir / PACKED_FILE, packed.get("status")
+    if status not in ("passed", "unchecked") or not path.is_file():
         return None, None
-    if packed.get("status") == "passed":
-        return path, packed_rule(packed)
-    return (path, None) if packed.get("status") == "unchecked" else (None, None)
+    return path, packed_rule(packed) if status == "passed" else None
 
 
 def packed_rule(packed: dict[str, Any]) -> dict[str, Any] | None:
