@@ -170,7 +170,9 @@ def test_an_interrupted_ray_run_resumes_keeping_its_shards_to_the_single_host_ou
             process.wait(timeout=30)
     assert process.returncode == 130, stderr[-3000:]
     kept = json.loads((out / "_run.json").read_text())["shards"]
-    assert 1 <= len(kept) < 10
+    # Shards come back one block at a time: Ctrl-C after the first keeps a few. A pipeline whose blocks
+    # are larger than a shard (4,096 rows here, before) returns the whole job at once and keeps most.
+    assert 1 <= len(kept) <= 5
     resumed = trtforge("run", *args, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming: {len(kept)} shard(s)" in resumed.stderr

@@ -39,7 +39,7 @@ IDS, PROBLEM, ID, TRUNCATED = "__trtforge_ids", "__trtforge_problem", "__trtforg
 TYPES = "__trtforge_type_ids"  # segment ids, where the tokenizer gives them (a cross-encoder's pairs)
 LENGTH = "__trtforge_length"  # each row's token count: what the driver needs of the ids, which stop at inference
 READERS = {"parquet": "read_parquet", "jsonl": "read_json", "text": "read_text"}
-BLOCK_ROWS = 4096  # rows per batch between the stages
+BLOCK_ROWS = 4096  # rows per batch between the stages (fewer where a shard is smaller: RayPipeline.run)
 IN_FLIGHT = 2  # batches in each inference actor's runtime at once: the GPU runs one while the next is sent
 ACTOR_CPUS = 0.5  # the most CPU Ray reserves for each tokenizing (and CPU inference) actor
 
@@ -245,7 +245,8 @@ class RayPipeline:
         meter.line(f"  Ray at {address}: {self.infer_actors} inference actor(s) on "
                    f"{'GPUs' if self.gpus else 'CPUs'}, {self.tokenize_actors} tokenizing actor(s)")
 
-    def dataset(self, source: Source, prefix: str, files: list[Path] | None = None) -> Any:
+    def dataset(self, source: Source, prefix: str, files: list[Path] | None = None, rows: int = BLOCK_ROWS) -> Any:
+        """The pipeline over `files` (default: every input file), in blocks of `rows` rows."""
         import ray
 
         context = ray.data.DataContext.get_current()
@@ -266,14 +267,14 @@ class RayPipeline:
             ds = ray.data.read_parquet(files, columns=[c for c in (o.column, o.pair_column, o.id_column) if c])
         # Ray reads a file as one block, and an actor takes a block whole: without this, one actor would
         # tokenize a one-file input and the GPU would wait for all of it (0.18x the single-host run, H100)
-        ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
+        ds = ds.repartition(target_num_rows_per_block=rows)
         column = "text" if kind == "text" else o.column
         tokenize = dict(artifact=str(self.artifact), column=column, pair_column=o.pair_column, prefix=prefix,
                         id_column=o.id_column)
-        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, batch_size=BLOCK_ROWS,
+        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, batch_size=rows,
                             compute=ray.data.ActorPoolStrategy(size=self.tokenize_actors), num_cpus=self.actor_cpus)
         infer = dict(artifact=str(self.artifact), pair_column=o.pair_column, cpu_workers=1)
-        return ds.map_batches(_Keep(Model), fn_constructor_kwargs=infer, batch_size=BLOCK_ROWS,
+        return ds.map_batches(_Keep(Model), fn_constructor_kwargs=infer, batch_size=rows,
                               compute=ray.data.ActorPoolStrategy(size=self.infer_actors,
                                                                  max_concurrent_calls_per_actor=IN_FLIGHT,
                                                                  enable_true_multi_threading=True), num_gpus=1 if self.gpus else 0,
@@ -287,8 +288,11 @@ class RayPipeline:
         skip = start * shard_rows - number  # rows already written in the files read: computed again, not written
         index = start
         pending: dict[str, list] = {}
-        dataset = self.dataset(source, prefix, files)
-        for batch in dataset.iter_batches(batch_size=BLOCK_ROWS, batch_format="numpy"):
+        # Blocks no larger than a shard, the unit of resume: each shard is written as soon as its rows
+        # come back, not once a whole block of other shards' rows has (an interrupted job keeps them)
+        rows = min(BLOCK_ROWS, shard_rows)
+        dataset = self.dataset(source, prefix, files, rows)
+        for batch in dataset.iter_batches(batch_size=rows, batch_format="numpy"):
             n = len(batch[PROBLEM])
             for name, values in batch.items():
                 pending.setdefault(name, []).append(values)
